@@ -1,0 +1,316 @@
+//! Baton's own events: their types, their data, and how each maps to a CloudEvent and a subject.
+//!
+//! Every event of a run is one [`RunEvent`]. Ids are deterministic (run, step, attempt, verb), so a
+//! process that repeats work after a crash republishes the same ids, which JetStream de-duplicates.
+
+use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::subjects;
+
+/// CloudEvent `type` of every Baton event: `dev.baton.<scope>.<verb>`.
+pub mod types {
+    pub const RUN_REQUESTED: &str = "dev.baton.run.requested";
+    pub const RUN_SUCCEEDED: &str = "dev.baton.run.succeeded";
+    pub const RUN_FAILED: &str = "dev.baton.run.failed";
+    pub const RUN_CANCEL_REQUESTED: &str = "dev.baton.run.cancel-requested";
+    pub const STEP_REQUESTED: &str = "dev.baton.step.requested";
+    pub const STEP_STARTED: &str = "dev.baton.step.started";
+    pub const STEP_COMPLETED: &str = "dev.baton.step.completed";
+    pub const STEP_FAILED: &str = "dev.baton.step.failed";
+}
+
+/// A workflow version, as pinned by a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowRef {
+    pub name: String,
+    pub version: u64,
+}
+
+/// The external event that started a run, as the run's input sees it (`.event` in expressions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub data: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRequested {
+    pub run_id: String,
+    pub workflow: WorkflowRef,
+    #[serde(default)]
+    pub input: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<Trigger>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRequested {
+    pub run_id: String,
+    pub step: String,
+    pub kind: String,
+    pub attempt: u32,
+    /// The step's `with`, every expression evaluated.
+    #[serde(default)]
+    pub input: Value,
+    /// The same for every attempt of a step: handlers use it to avoid repeating a side effect.
+    pub idempotency_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepCompleted {
+    pub run_id: String,
+    pub step: String,
+    pub attempt: u32,
+    #[serde(default)]
+    pub output: Value,
+    pub runner: String,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepError {
+    pub message: String,
+    /// `false` for a permanent error: no further attempt is made.
+    pub retryable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepFailed {
+    pub run_id: String,
+    pub step: String,
+    pub attempt: u32,
+    pub error: StepError,
+    pub runner: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSucceeded {
+    pub run_id: String,
+    #[serde(default)]
+    pub output: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunFailed {
+    pub run_id: String,
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelRequested {
+    pub run_id: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// One event of a run's journal.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    Requested(RunRequested),
+    CancelRequested(CancelRequested),
+    StepRequested(StepRequested),
+    StepCompleted(StepCompleted),
+    StepFailed(StepFailed),
+    Succeeded(RunSucceeded),
+    Failed(RunFailed),
+}
+
+/// Why a CloudEvent is not a valid Baton run event.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("event type {0:?} is not a Baton run event")]
+    UnknownType(String),
+    #[error("data of {ty} event {id:?} is invalid: {source}")]
+    Data { ty: String, id: String, source: serde_json::Error },
+}
+
+impl RunEvent {
+    pub fn run_id(&self) -> &str {
+        match self {
+            RunEvent::Requested(e) => &e.run_id,
+            RunEvent::CancelRequested(e) => &e.run_id,
+            RunEvent::StepRequested(e) => &e.run_id,
+            RunEvent::StepCompleted(e) => &e.run_id,
+            RunEvent::StepFailed(e) => &e.run_id,
+            RunEvent::Succeeded(e) => &e.run_id,
+            RunEvent::Failed(e) => &e.run_id,
+        }
+    }
+
+    pub fn ty(&self) -> &'static str {
+        match self {
+            RunEvent::Requested(_) => types::RUN_REQUESTED,
+            RunEvent::CancelRequested(_) => types::RUN_CANCEL_REQUESTED,
+            RunEvent::StepRequested(_) => types::STEP_REQUESTED,
+            RunEvent::StepCompleted(_) => types::STEP_COMPLETED,
+            RunEvent::StepFailed(_) => types::STEP_FAILED,
+            RunEvent::Succeeded(_) => types::RUN_SUCCEEDED,
+            RunEvent::Failed(_) => types::RUN_FAILED,
+        }
+    }
+
+    /// The deterministic CloudEvent id (and `Nats-Msg-Id`).
+    pub fn id(&self) -> String {
+        match self {
+            RunEvent::Requested(e) => format!("{}.requested", e.run_id),
+            RunEvent::CancelRequested(e) => format!("{}.cancel-requested", e.run_id),
+            RunEvent::StepRequested(e) => format!("{}.{}.{}.requested", e.run_id, e.step, e.attempt),
+            // Completed and failed share an id: only the first outcome of an attempt is stored.
+            RunEvent::StepCompleted(e) => format!("{}.{}.{}.outcome", e.run_id, e.step, e.attempt),
+            RunEvent::StepFailed(e) => format!("{}.{}.{}.outcome", e.run_id, e.step, e.attempt),
+            RunEvent::Succeeded(e) => format!("{}.ended", e.run_id),
+            RunEvent::Failed(e) => format!("{}.ended", e.run_id),
+        }
+    }
+
+    /// The CloudEvent `subject` attribute: the run, or the run and step.
+    fn ce_subject(&self) -> String {
+        match self {
+            RunEvent::StepRequested(e) => format!("{}/{}", e.run_id, e.step),
+            RunEvent::StepCompleted(e) => format!("{}/{}", e.run_id, e.step),
+            RunEvent::StepFailed(e) => format!("{}/{}", e.run_id, e.step),
+            other => other.run_id().to_owned(),
+        }
+    }
+
+    /// The NATS subject in the journal. `kind` is the step kind, needed for step events other
+    /// than requests (whose kind is in their data).
+    pub fn subject(&self, partitions: u32, kind: &str) -> String {
+        let run = self.run_id();
+        let p = subjects::partition(run, partitions);
+        match self {
+            RunEvent::Requested(_) => subjects::run_event(p, run, "requested"),
+            RunEvent::CancelRequested(_) => subjects::run_event(p, run, "cancel-requested"),
+            RunEvent::Succeeded(_) => subjects::run_event(p, run, "succeeded"),
+            RunEvent::Failed(_) => subjects::run_event(p, run, "failed"),
+            RunEvent::StepRequested(e) => subjects::step_event(p, run, &e.kind, "requested"),
+            RunEvent::StepCompleted(_) => subjects::step_event(p, run, kind, "completed"),
+            RunEvent::StepFailed(_) => subjects::step_event(p, run, kind, "failed"),
+        }
+    }
+
+    fn data(&self) -> Value {
+        let v = match self {
+            RunEvent::Requested(e) => serde_json::to_value(e),
+            RunEvent::CancelRequested(e) => serde_json::to_value(e),
+            RunEvent::StepRequested(e) => serde_json::to_value(e),
+            RunEvent::StepCompleted(e) => serde_json::to_value(e),
+            RunEvent::StepFailed(e) => serde_json::to_value(e),
+            RunEvent::Succeeded(e) => serde_json::to_value(e),
+            RunEvent::Failed(e) => serde_json::to_value(e),
+        };
+        // Serializing these plain structs cannot fail.
+        v.unwrap_or_default()
+    }
+
+    /// This event as a CloudEvent from `source` (`baton/<service>`), carrying `traceparent`.
+    pub fn to_cloudevent(&self, source: &str, traceparent: &str) -> Event {
+        let mut builder = EventBuilderV10::new()
+            .id(self.id())
+            .source(source)
+            .ty(self.ty())
+            .subject(self.ce_subject())
+            .time(chrono::Utc::now())
+            .data("application/json", self.data());
+        if !traceparent.is_empty() {
+            builder = builder.extension("traceparent", traceparent);
+        }
+        // All required attributes are set above, so building cannot fail.
+        builder.build().expect("a Baton event has every required attribute")
+    }
+
+    /// Parses one of Baton's run events.
+    pub fn from_cloudevent(event: &Event) -> Result<RunEvent, Error> {
+        let err = |source| Error::Data { ty: event.ty().to_owned(), id: event.id().to_owned(), source };
+        let data = || event_data(event).map_err(err);
+        Ok(match event.ty() {
+            types::RUN_REQUESTED => RunEvent::Requested(serde_json::from_value(data()?).map_err(err)?),
+            types::RUN_CANCEL_REQUESTED => RunEvent::CancelRequested(serde_json::from_value(data()?).map_err(err)?),
+            types::STEP_REQUESTED => RunEvent::StepRequested(serde_json::from_value(data()?).map_err(err)?),
+            types::STEP_COMPLETED => RunEvent::StepCompleted(serde_json::from_value(data()?).map_err(err)?),
+            types::STEP_FAILED => RunEvent::StepFailed(serde_json::from_value(data()?).map_err(err)?),
+            types::RUN_SUCCEEDED => RunEvent::Succeeded(serde_json::from_value(data()?).map_err(err)?),
+            types::RUN_FAILED => RunEvent::Failed(serde_json::from_value(data()?).map_err(err)?),
+            other => return Err(Error::UnknownType(other.to_owned())),
+        })
+    }
+}
+
+/// The data of a CloudEvent as JSON: parsed from bytes or text when it arrived in binary mode.
+pub fn event_data(event: &Event) -> Result<Value, serde_json::Error> {
+    match event.data() {
+        None => Ok(Value::Null),
+        Some(Data::Json(v)) => Ok(v.clone()),
+        Some(Data::Binary(b)) => serde_json::from_slice(b),
+        Some(Data::String(s)) => serde_json::from_str(s).or_else(|_| Ok(Value::String(s.clone()))),
+    }
+}
+
+/// The `traceparent` extension of an event, if present.
+pub fn traceparent(event: &Event) -> Option<String> {
+    event.extension("traceparent").map(|v| v.to_string())
+}
+
+/// A fresh W3C `traceparent` (version 00, sampled) for a run that starts without one.
+pub fn new_traceparent() -> String {
+    let trace = ulid::Ulid::generate().0;
+    let span = ulid::Ulid::generate().0 as u64 | 1;
+    format!("00-{trace:032x}-{span:016x}-01")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_events_round_trip_through_cloudevents() {
+        let event = RunEvent::StepCompleted(StepCompleted {
+            run_id: "r1".into(),
+            step: "build".into(),
+            attempt: 2,
+            output: serde_json::json!({"artifact": "a.tar"}),
+            runner: "runner-1".into(),
+            duration_ms: 5,
+        });
+        let ce = event.to_cloudevent("baton/runner", &new_traceparent());
+        assert_eq!(ce.id(), "r1.build.2.outcome");
+        assert_eq!(ce.subject(), Some("r1/build"));
+        assert_eq!(RunEvent::from_cloudevent(&ce).unwrap(), event);
+        let p = subjects::partition("r1", 16);
+        assert_eq!(event.subject(16, "echo"), format!("baton.run.{p}.r1.step.echo.completed"));
+    }
+
+    #[test]
+    fn foreign_types_and_bad_data_are_errors() {
+        let ce = EventBuilderV10::new().id("1").source("/x").ty("com.example").build().unwrap();
+        assert!(matches!(RunEvent::from_cloudevent(&ce), Err(Error::UnknownType(_))));
+        let ce = EventBuilderV10::new()
+            .id("1")
+            .source("/x")
+            .ty(types::STEP_FAILED)
+            .data("application/json", serde_json::json!({"run_id": 1}))
+            .build()
+            .unwrap();
+        let err = RunEvent::from_cloudevent(&ce).unwrap_err().to_string();
+        assert!(err.contains("dev.baton.step.failed"), "{err}");
+    }
+
+    #[test]
+    fn new_traceparents_are_well_formed() {
+        let tp = new_traceparent();
+        let parts: Vec<_> = tp.split('-').collect();
+        assert_eq!((parts.len(), parts[0], parts[1].len(), parts[2].len(), parts[3]), (4, "00", 32, 16, "01"));
+    }
+}

@@ -1,0 +1,20 @@
+//! Baton's core library: what two or more Baton services share.
+//!
+//! - [`event`]: the CloudEvent envelope Baton uses for every message, and the types of its own events;
+//! - [`binding`]: the CloudEvents NATS protocol binding (binary out, binary or structured in);
+//! - [`subjects`] and [`streams`]: the subject layout, partitions, and idempotent stream set-up;
+//! - [`connect`]: connecting to NATS, refusing servers older than 2.12;
+//! - [`provision`]: finding or installing a suitable `nats-server` binary;
+//! - [`shutdown`] and [`telemetry`]: one shutdown path and logging set-up for every service.
+
+pub mod binding;
+pub mod connect;
+pub mod event;
+pub mod provision;
+pub mod shutdown;
+pub mod streams;
+pub mod subjects;
+pub mod telemetry;
+
+pub use cloudevents::Event;
+pub use connect::{Bus, connect};

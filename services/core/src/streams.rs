@@ -1,0 +1,103 @@
+//! Idempotent set-up of Baton's streams and KV buckets. Every service calls [`ensure`] on start, so
+//! a fresh server needs no manual step, and an existing layout is never changed behind a user's back.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use crate::subjects;
+
+pub const RUNS: &str = "BATON_RUNS";
+pub const EVENTS: &str = "BATON_EVENTS";
+pub const DLQ: &str = "BATON_DLQ";
+pub const WORKFLOWS_BUCKET: &str = "baton-workflows";
+
+/// Stream metadata key that fixes the partition count of the journal for its whole life.
+const PARTITIONS_KEY: &str = "baton.partitions";
+
+/// The shape of a Baton installation.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Partitions of the journal: the unit of coordinator ownership. Fixed when the stream is created.
+    pub partitions: u32,
+    /// Stream replicas: 1 on a single server, 3 on a cluster.
+    pub replicas: usize,
+    /// How long the journal keeps run events.
+    pub journal_max_age: Duration,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology { partitions: 16, replicas: 1, journal_max_age: Duration::from_secs(30 * 24 * 3600) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up {what}: {source}")]
+pub struct Error {
+    what: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+fn err(what: &str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Error + '_ {
+    move |source| Error { what: what.to_owned(), source }
+}
+
+/// Creates the streams and buckets that do not exist yet. Returns the journal's partition count,
+/// which is the one stored in the stream when it already existed.
+pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<u32, Error> {
+    let runs = js
+        .get_or_create_stream(stream::Config {
+            name: RUNS.into(),
+            subjects: vec![format!("{}.>", subjects::RUNS)],
+            storage: stream::StorageType::File,
+            num_replicas: topology.replicas,
+            max_age: topology.journal_max_age,
+            duplicate_window: Duration::from_secs(120),
+            allow_message_schedules: true,
+            allow_message_ttl: true,
+            metadata: [(PARTITIONS_KEY.to_owned(), topology.partitions.to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(RUNS)(e.into()))?;
+    let partitions = runs
+        .cached_info()
+        .config
+        .metadata
+        .get(PARTITIONS_KEY)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(topology.partitions);
+
+    for (name, subject, max_age, window) in [
+        (EVENTS, subjects::EVENTS, 7 * 24 * 3600, 600),
+        (DLQ, subjects::DLQ, 30 * 24 * 3600, 120),
+    ] {
+        js.get_or_create_stream(stream::Config {
+            name: name.into(),
+            subjects: vec![format!("{subject}.>")],
+            storage: stream::StorageType::File,
+            num_replicas: topology.replicas,
+            max_age: Duration::from_secs(max_age),
+            duplicate_window: Duration::from_secs(window),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(name)(e.into()))?;
+    }
+
+    if js.get_key_value(WORKFLOWS_BUCKET).await.is_err() {
+        js.create_key_value(kv::Config {
+            bucket: WORKFLOWS_BUCKET.into(),
+            description: "Baton workflow registry: immutable versions and heads".into(),
+            storage: stream::StorageType::File,
+            num_replicas: topology.replicas,
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(WORKFLOWS_BUCKET)(e.into()))?;
+    }
+    Ok(partitions)
+}
