@@ -1,0 +1,70 @@
+use super::*;
+use serde_json::json;
+
+const HELLO: &str = r#"
+name: hello
+on:
+  - type: com.example.greeting
+inputs:
+  name: { type: string, default: world }
+steps:
+  - id: greet
+    uses: echo
+    with: { message: "Hello, ${{ .inputs.name }}!" }
+  - id: shout
+    uses: echo
+    with: { message: "${{ .steps.greet.outputs.message | ascii_upcase }}" }
+  - id: side
+    uses: echo
+    needs: []
+    if: ${{ .inputs.name != "world" }}
+outputs:
+  result: ${{ .steps.shout.outputs.message }}
+"#;
+
+#[test]
+fn compiles_a_workflow_into_a_graph() {
+    let wf = compile(HELLO).unwrap();
+    assert_eq!(wf.name, "hello");
+    assert_eq!(wf.triggers, vec![Trigger { ty: "com.example.greeting".into() }]);
+    let needs: Vec<_> = wf.steps.iter().map(|s| (s.id.as_str(), s.needs.clone())).collect();
+    assert_eq!(needs, vec![("greet", vec![]), ("shout", vec![0]), ("side", vec![])], "omitted needs = the step above");
+    assert!(wf.steps[2].condition.is_some());
+    assert_eq!(wf.resolve_input(&json!(null)).unwrap(), json!({"name": "world"}));
+    assert!(wf.resolve_input(&json!({"name": 3})).unwrap_err().contains("must be a string"));
+    assert!(wf.resolve_input(&json!({"nme": "x"})).unwrap_err().contains("unknown input `nme`"));
+}
+
+#[test]
+fn reports_every_problem_at_once() {
+    let src = r#"
+name: bad name
+steps:
+  - id: a
+    uses: echo
+    needs: [c]
+  - id: a
+    uses: echo
+    with: { x: "${{ .a | nosuch }}" }
+  - id: c
+    uses: echo
+    needs: [d]
+  - id: d
+    uses: echo
+    needs: [c]
+"#;
+    let problems = compile(src).unwrap_err().0;
+    let text: Vec<_> = problems.iter().map(ToString::to_string).collect();
+    let has = |s: &str| text.iter().any(|t| t.contains(s));
+    assert!(has("name: `bad name` is not a valid workflow name"), "{text:#?}");
+    assert!(has("steps[1].id: step id `a` is used twice"), "{text:#?}");
+    assert!(has("steps[1].with.x: jq expression `.a | nosuch`"), "{text:#?}");
+    assert!(has("cycle: c -> d -> c"), "{text:#?}");
+}
+
+#[test]
+fn unknown_keys_and_yaml_errors_are_problems() {
+    let err = compile("name: x\nstepz: []\n").unwrap_err().to_string();
+    assert!(err.contains("stepz"), "{err}");
+    assert!(compile("name: [\n").is_err());
+}
