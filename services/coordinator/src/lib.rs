@@ -1,1 +1,10 @@
-//! placeholder
+//! The saga coordinator: tracks every run from its journal, drives the DAG, ends runs.
+//!
+//! [`saga`] is the pure decision logic; [`service`] is the I/O around it: one task per journal
+//! partition, owned through a pinned JetStream consumer, rebuilt from the journal on takeover.
+
+pub mod saga;
+pub mod service;
+pub mod workflows;
+
+pub use service::{Coordinator, Options};

@@ -9,8 +9,10 @@
 
 pub mod binding;
 pub mod connect;
+pub mod dlq;
 pub mod event;
 pub mod provision;
+pub mod registry;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

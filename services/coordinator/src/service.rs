@@ -1,0 +1,374 @@
+//! The coordinator's I/O: one task per journal partition.
+//!
+//! Each partition has a durable consumer with the `pinned_client` priority policy, so exactly one
+//! coordinator instance receives a partition's events at a time. When a message arrives with a pin
+//! id the task has not seen, the task has just become the owner: it rebuilds every live run of the
+//! partition from the journal before it handles the message. Every input event is acked only after
+//! all the commands it caused are stored.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use baton_core::event::{self, RunEvent};
+use baton_core::shutdown::CancellationToken;
+use baton_core::{Bus, binding, dlq, subjects};
+use baton_workflow::Workflow;
+use futures::StreamExt;
+use futures::future::join_all;
+use tokio::sync::mpsc;
+
+use crate::saga::Run;
+use crate::workflows::Workflows;
+
+/// Coordinator settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Name of this instance, in logs and event sources.
+    pub instance: String,
+    /// How long a dead instance keeps its partitions before another takes them over.
+    pub takeover_after: Duration,
+    /// How long JetStream waits for an ack before redelivering an event.
+    pub ack_wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            instance: format!("coordinator-{}", std::process::id()),
+            takeover_after: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+const GROUP: &str = "coordinators";
+const SOURCE: &str = "baton/coordinator";
+
+pub struct Coordinator {
+    bus: Bus,
+    options: Options,
+    workflows: Workflows,
+}
+
+impl Coordinator {
+    pub async fn new(bus: Bus, options: Options) -> Result<Coordinator, Error> {
+        let registry = baton_core::registry::Registry::open(&bus.js).await?;
+        Ok(Coordinator { bus, options, workflows: Workflows::new(registry) })
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let stream = self.bus.js.get_stream(baton_core::streams::RUNS).await.map_err(jserr)?;
+        let mut tasks = Vec::new();
+        for p in 0..self.bus.partitions {
+            let consumer: consumer::PullConsumer = stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(format!("coordinator-{p}")),
+                    filter_subjects: subjects::coordinator_filters(p),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.options.ack_wait,
+                    max_ack_pending: 10_000,
+                    priority_policy: consumer::PriorityPolicy::PinnedClient,
+                    priority_groups: vec![GROUP.to_owned()],
+                    priority_timeout: self.options.takeover_after,
+                    ..Default::default()
+                })
+                .await
+                .map_err(jserr)?;
+            let partition = Partition {
+                p,
+                bus: self.bus.clone(),
+                workflows: self.workflows.clone(),
+                runs: HashMap::new(),
+                pin: None,
+                instance: self.options.instance.clone(),
+            };
+            tasks.push(tokio::spawn(partition.run(consumer, self.options.takeover_after, shutdown.clone())));
+        }
+        tracing::info!(instance = %self.options.instance, partitions = self.bus.partitions, "coordinator started");
+        for result in join_all(tasks).await {
+            result.map_err(|e| Error::Task(e.to_string()))??;
+        }
+        Ok(())
+    }
+}
+
+/// Why the coordinator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("JetStream request failed: {0}")]
+    JetStream(String),
+    #[error(transparent)]
+    Registry(#[from] baton_core::registry::Error),
+    #[error("a partition task panicked: {0}")]
+    Task(String),
+}
+
+fn jserr<E: std::fmt::Display>(e: E) -> Error {
+    Error::JetStream(e.to_string())
+}
+
+struct Partition {
+    p: u32,
+    bus: Bus,
+    workflows: Workflows,
+    runs: HashMap<String, (Run, Arc<Workflow>)>,
+    /// The pin under which `runs` was rebuilt; `None` until this task owns the partition.
+    pin: Option<String>,
+    instance: String,
+}
+
+/// A run whose commands could not be stored: forget it, so it is rebuilt from the journal.
+type Evict = String;
+
+impl Partition {
+    async fn run(
+        mut self,
+        consumer: consumer::PullConsumer,
+        takeover_after: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let (evict_tx, mut evict_rx) = mpsc::unbounded_channel::<Evict>();
+        let mut messages = consumer
+            .stream()
+            .group(GROUP)
+            // Well below the pin timeout, or the pin is lost between pulls.
+            .expires(takeover_after / 3)
+            .heartbeat(takeover_after / 6)
+            .max_messages_per_batch(256)
+            .messages()
+            .await
+            .map_err(jserr)?;
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(run_id) = evict_rx.recv() => { self.runs.remove(&run_id); continue }
+                next = messages.next() => match next {
+                    None => break,
+                    Some(Err(error)) => {
+                        tracing::debug!(partition = self.p, %error, "pull error; retrying");
+                        continue;
+                    }
+                    Some(Ok(message)) => message,
+                },
+            };
+            let pin = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_PIN_ID))
+                .map(|v| v.as_str().to_owned());
+            if pin.is_some() && pin != self.pin {
+                tracing::info!(partition = self.p, instance = %self.instance, "took ownership; rebuilding from the journal");
+                self.rebuild().await?;
+                self.pin = pin;
+                // Issue whatever every live run still needs (commands lost in a crash).
+                let ids: Vec<String> = self.runs.keys().cloned().collect();
+                for id in ids {
+                    let commands = {
+                        let (run, wf) = self.runs.get_mut(&id).expect("present");
+                        run.decide(wf)
+                    };
+                    if let Err(error) = self.publish_all(&id, &commands).await {
+                        tracing::warn!(run = %id, %error, "cannot issue commands after rebuild; will retry on the next event");
+                        self.runs.remove(&id);
+                    }
+                }
+            }
+            self.handle(message, &evict_tx).await;
+        }
+        Ok(())
+    }
+
+    /// Replays the partition's journal into `runs`, keeping only runs that have not ended.
+    async fn rebuild(&mut self) -> Result<(), Error> {
+        self.runs.clear();
+        let events = read_journal(&self.bus.js, subjects::partition_all(self.p)).await?;
+        let count = events.len();
+        for e in events {
+            self.fold(e).await;
+        }
+        self.runs.retain(|_, (run, _)| !run.status.is_terminal());
+        tracing::info!(partition = self.p, events = count, live_runs = self.runs.len(), "rebuilt partition");
+        Ok(())
+    }
+
+    /// Folds a journal event into `runs` without deciding anything.
+    async fn fold(&mut self, Journaled { event, traceparent, .. }: Journaled) {
+        if let RunEvent::Requested(r) = &event {
+            if self.runs.contains_key(&r.run_id) {
+                return;
+            }
+            match self.workflows.get(&r.workflow.name, r.workflow.version).await {
+                Ok(wf) => {
+                    let run = Run::new(r, &wf, traceparent);
+                    self.runs.insert(r.run_id.clone(), (run, wf));
+                }
+                Err(error) => tracing::warn!(run = %r.run_id, %error, "cannot load the run's workflow"),
+            }
+        } else if let Some((run, _)) = self.runs.get_mut(event.run_id()) {
+            run.apply(&event);
+        }
+    }
+
+    async fn handle(&mut self, message: jetstream::Message, evict: &mpsc::UnboundedSender<Evict>) {
+        let decoded = binding::decode(message.headers.as_ref(), &message.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|ce| {
+                let tp = event::traceparent(&ce).unwrap_or_default();
+                RunEvent::from_cloudevent(&ce).map(|e| (e, tp)).map_err(|e| e.to_string())
+            });
+        let (event, traceparent) = match decoded {
+            Ok(d) => d,
+            Err(reason) => return self.reject(message, &reason).await,
+        };
+        let run_id = event.run_id().to_owned();
+        if !self.runs.contains_key(&run_id) {
+            match &event {
+                RunEvent::Requested(r) => match self.workflows.get(&r.workflow.name, r.workflow.version).await {
+                    Ok(wf) => {
+                        let tp = if traceparent.is_empty() { event::new_traceparent() } else { traceparent };
+                        self.runs.insert(run_id.clone(), (Run::new(r, &wf, tp), wf));
+                    }
+                    Err(reason) => return self.reject(message, &reason).await,
+                },
+                // Not in memory: ended (and forgotten) or evicted after a failed publish.
+                _ => {
+                    if let Err(error) = self.load_run(&run_id).await {
+                        tracing::warn!(run = %run_id, %error, "cannot load run from the journal; retrying later");
+                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        return;
+                    }
+                }
+            }
+        }
+        let Some((run, wf)) = self.runs.get_mut(&run_id) else {
+            tracing::debug!(run = %run_id, "event for an unknown or ended run; ignoring");
+            let _ = message.ack().await;
+            return;
+        };
+        let commands = run.handle(&event, wf);
+        let ended = run.status.is_terminal();
+        let traceparent = run.traceparent.clone();
+        let publishes = self.start_publishes(&commands, &traceparent).await;
+        if ended {
+            self.runs.remove(&run_id);
+        }
+        // Ack after every command is stored; meanwhile go on with the next event.
+        let evict = evict.clone();
+        tokio::spawn(async move {
+            match await_all(publishes).await {
+                Ok(()) => {
+                    if let Err(error) = message.ack().await {
+                        tracing::debug!(%error, "ack failed; the event will be redelivered and is idempotent");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(run = %run_id, %error, "cannot store commands; rebuilding the run");
+                    let _ = evict.send(run_id);
+                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                }
+            }
+        });
+    }
+
+    /// Loads one run from the journal into `runs`, if it exists and has not ended.
+    async fn load_run(&mut self, run_id: &str) -> Result<(), Error> {
+        let events = read_journal(&self.bus.js, subjects::run_all(self.p, run_id)).await?;
+        for e in events {
+            self.fold(e).await;
+        }
+        if self.runs.get(run_id).is_some_and(|(r, _)| r.status.is_terminal()) {
+            self.runs.remove(run_id);
+        }
+        Ok(())
+    }
+
+    async fn start_publishes(&self, commands: &[RunEvent], traceparent: &str) -> Vec<PublishResult> {
+        let mut acks = Vec::with_capacity(commands.len());
+        for command in commands {
+            let ce = command.to_cloudevent(SOURCE, traceparent);
+            let (headers, body) = binding::encode(&ce);
+            let subject = command.subject(self.bus.partitions, "");
+            acks.push(self.bus.js.publish_with_headers(subject, headers, body).await.map_err(|e| e.to_string()));
+        }
+        acks
+    }
+
+    async fn publish_all(&self, run_id: &str, commands: &[RunEvent]) -> Result<(), String> {
+        let tp = self.runs.get(run_id).map(|(r, _)| r.traceparent.clone()).unwrap_or_default();
+        await_all(self.start_publishes(commands, &tp).await).await
+    }
+
+    async fn reject(&self, message: jetstream::Message, reason: &str) {
+        let stored = dlq::publish(
+            &self.bus.js,
+            "coordinator",
+            message.subject.as_str(),
+            message.headers.as_ref(),
+            message.payload.clone(),
+            reason,
+        )
+        .await;
+        match stored {
+            Ok(()) => {
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot write a dead letter; the event will be redelivered");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+}
+
+type PublishResult = Result<jetstream::context::PublishAckFuture, String>;
+
+async fn await_all(publishes: Vec<PublishResult>) -> Result<(), String> {
+    for publish in publishes {
+        publish?.await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A run event read back from the journal.
+#[derive(Debug, Clone)]
+pub struct Journaled {
+    pub seq: u64,
+    pub traceparent: String,
+    pub event: RunEvent,
+}
+
+/// Reads every run event on `filter` from the journal, oldest first, with its stream sequence.
+/// Events that are not valid run events are skipped (they were dead-lettered when first seen).
+pub async fn read_journal(js: &jetstream::Context, filter: String) -> Result<Vec<Journaled>, Error> {
+    let stream = js.get_stream(baton_core::streams::RUNS).await.map_err(jserr)?;
+    let mut consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .map_err(jserr)?;
+    let mut out = Vec::new();
+    if consumer.info().await.map_err(jserr)?.num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(jserr)?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(jserr)?;
+        let info = message.info().map_err(jserr)?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        if let Ok(ce) = binding::decode(message.headers.as_ref(), &message.payload)
+            && let Ok(event) = RunEvent::from_cloudevent(&ce)
+        {
+            out.push(Journaled { seq, traceparent: event::traceparent(&ce).unwrap_or_default(), event });
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,39 @@
+//! Compiled workflow versions, loaded from the registry once and kept: versions are immutable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use baton_core::registry::Registry;
+use baton_workflow::Workflow;
+
+#[derive(Clone)]
+pub struct Workflows {
+    registry: Registry,
+    cache: Arc<Mutex<HashMap<(String, u64), Arc<Workflow>>>>,
+}
+
+impl Workflows {
+    pub fn new(registry: Registry) -> Workflows {
+        Workflows { registry, cache: Arc::default() }
+    }
+
+    /// The compiled version, or an error that says why it cannot be had.
+    pub async fn get(&self, name: &str, version: u64) -> Result<Arc<Workflow>, String> {
+        let key = (name.to_owned(), version);
+        if let Some(wf) = self.cache.lock().expect("cache lock").get(&key) {
+            return Ok(wf.clone());
+        }
+        let source = self
+            .registry
+            .source(name, version)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("workflow {name} version {version} is not in the registry"))?;
+        let wf = Arc::new(
+            baton_workflow::compile(&source)
+                .map_err(|p| format!("workflow {name} version {version} does not compile: {p}"))?,
+        );
+        self.cache.lock().expect("cache lock").insert(key, wf.clone());
+        Ok(wf)
+    }
+}
