@@ -77,19 +77,23 @@ pub struct Run {
     pub steps: Vec<StepState>,
     pub output: Value,
     pub error: Option<String>,
-    /// Set by a cancel request; the run fails with this reason at the next decision.
-    pub cancel: Option<String>,
+    /// Set by a cancel request or an invalid input; the run fails with it at the next decision.
+    pub abort: Option<String>,
     completions: u32,
 }
 
 impl Run {
     /// A run as its `run.requested` event describes it. `workflow` must be the pinned version.
     pub fn new(request: &RunRequested, workflow: &Workflow, traceparent: String) -> Run {
+        let (input, abort) = match workflow.resolve_input(&request.input) {
+            Ok(input) => (input, None),
+            Err(e) => (request.input.clone(), Some(format!("invalid input: {e}"))),
+        };
         Run {
             id: request.run_id.clone(),
             workflow: request.workflow.clone(),
             traceparent,
-            input: request.input.clone(),
+            input,
             trigger: request.trigger.clone(),
             status: Status::Running,
             steps: workflow
@@ -104,7 +108,7 @@ impl Run {
                 .collect(),
             output: Value::Null,
             error: None,
-            cancel: None,
+            abort,
             completions: 0,
         }
     }
@@ -125,7 +129,7 @@ impl Run {
             RunEvent::Requested(_) => {}
             RunEvent::CancelRequested(c) => {
                 let reason = if c.reason.is_empty() { "cancelled".to_owned() } else { format!("cancelled: {}", c.reason) };
-                self.cancel.get_or_insert(reason);
+                self.abort.get_or_insert(reason);
             }
             RunEvent::StepRequested(r) => {
                 if let Some(step) = self.step_mut(&r.step)
@@ -173,7 +177,7 @@ impl Run {
         if self.status.is_terminal() {
             return commands;
         }
-        if let Some(reason) = self.cancel.clone() {
+        if let Some(reason) = self.abort.clone() {
             return self.end(commands, self.failed(reason, None));
         }
         if let Some(step) = self.steps.iter().find(|s| matches!(s.status, StepStatus::Failed { .. })) {

@@ -4,7 +4,7 @@
 //! `datacontenttype` and extensions included, is a lowercase `ce-<name>` header whose value is
 //! percent-encoded as the binding requires. Input is binary when a `ce-specversion` header is present,
 //! structured (JSON event format) otherwise, whatever the `Content-Type` says: that is what other
-//! SDKs emit (see `tests/fixtures/cloudevents/NATS-BINDING-SUMMARY.md`).
+//! SDKs emit (sdk-go reads binary mode iff `ce-specversion` is present).
 
 use async_nats::HeaderMap;
 use bytes::Bytes;

@@ -314,3 +314,16 @@ mod tests {
         assert_eq!((parts.len(), parts[0], parts[1].len(), parts[2].len(), parts[3]), (4, "00", 32, 16, "01"));
     }
 }
+
+/// The id of the run that event (`source`, `id`) starts for `workflow`: the same every time, so a
+/// redelivered event can never start a second run.
+pub fn triggered_run_id(workflow: &str, source: &str, event_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(format!("{workflow}\0{source}\0{event_id}").as_bytes());
+    hash.iter().take(13).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new id for a run started by hand: a ULID, sortable by start time.
+pub fn new_run_id() -> String {
+    ulid::Ulid::generate().to_string()
+}

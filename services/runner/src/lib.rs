@@ -1,1 +1,272 @@
-//! placeholder
+//! The step runner: executes step requests of its kinds from the journal.
+//!
+//! Each kind has one durable pull consumer, `runner-<kind>`, shared by every runner instance that
+//! serves the kind. A request is acked only after its outcome event is stored. While a step runs, the
+//! runner sends progress acks so JetStream does not redeliver it; if the runner dies, JetStream
+//! redelivers the request after `ack_wait` and another runner (or this one, restarted) executes the
+//! same attempt again with the same idempotency key.
+
+pub mod kinds;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use baton_core::event::{self, RunEvent, StepCompleted, StepError, StepFailed, StepRequested};
+use baton_core::shutdown::CancellationToken;
+use baton_core::{Bus, binding, dlq, subjects};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+/// What a handler knows about the attempt it executes.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    pub run_id: String,
+    pub step: String,
+    pub attempt: u32,
+    /// The same for every attempt and every redelivery of a step.
+    pub idempotency_key: String,
+    /// How many times JetStream has delivered this request (more than 1 after a runner died).
+    pub delivered: i64,
+    /// Cancelled when the runner shuts down or the step times out.
+    pub cancel: CancellationToken,
+}
+
+/// A step kind's implementation: input (the step's evaluated `with`) to outputs.
+pub type Handler = Arc<dyn Fn(Value, StepContext) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync>;
+
+/// Runner settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Name of this instance, recorded in outcome events.
+    pub instance: String,
+    /// Steps executed at once by this instance, over all kinds.
+    pub concurrency: usize,
+    /// How long JetStream waits for an ack (or progress) before redelivering a request.
+    pub ack_wait: Duration,
+    /// After this many deliveries of one request the attempt fails instead of running again.
+    pub max_deliveries: i64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            instance: format!("runner-{}", std::process::id()),
+            concurrency: 64,
+            ack_wait: Duration::from_secs(30),
+            max_deliveries: 5,
+        }
+    }
+}
+
+const SOURCE: &str = "baton/runner";
+
+/// Why the runner stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("JetStream request failed: {0}")]
+    JetStream(String),
+    #[error("`{0}` is not a valid step kind: use letters, digits, `-` and `_`")]
+    BadKind(String),
+}
+
+fn jserr<E: std::fmt::Display>(e: E) -> Error {
+    Error::JetStream(e.to_string())
+}
+
+pub struct Runner {
+    bus: Bus,
+    options: Options,
+    handlers: HashMap<String, Handler>,
+}
+
+impl Runner {
+    /// A runner for the given kinds and their handlers (see [`kinds::builtin`]).
+    pub fn new(bus: Bus, options: Options, handlers: HashMap<String, Handler>) -> Runner {
+        Runner { bus, options, handlers }
+    }
+
+    /// Runs until `shutdown` is cancelled. Steps in progress at that moment are abandoned without an
+    /// ack, so JetStream hands them to another runner.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let stream = self.bus.js.get_stream(baton_core::streams::RUNS).await.map_err(jserr)?;
+        let permits = Arc::new(Semaphore::new(self.options.concurrency));
+        let mut tasks = Vec::new();
+        for (kind, handler) in self.handlers {
+            if !subjects::is_token(&kind) {
+                return Err(Error::BadKind(kind));
+            }
+            let consumer: consumer::PullConsumer = stream
+                .create_consumer(consumer::pull::Config {
+                    durable_name: Some(format!("runner-{kind}")),
+                    filter_subject: subjects::step_requests(&kind),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.options.ack_wait,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                })
+                .await
+                .map_err(jserr)?;
+            let worker = Worker {
+                kind: kind.clone(),
+                handler,
+                bus: self.bus.clone(),
+                options: self.options.clone(),
+                permits: permits.clone(),
+            };
+            tasks.push(tokio::spawn(worker.run(consumer, shutdown.clone())));
+        }
+        tracing::info!(instance = %self.options.instance, "runner started");
+        for t in futures::future::join_all(tasks).await {
+            t.map_err(jserr)??;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Worker {
+    kind: String,
+    handler: Handler,
+    bus: Bus,
+    options: Options,
+    permits: Arc<Semaphore>,
+}
+
+impl Worker {
+    async fn run(self, consumer: consumer::PullConsumer, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut messages = consumer.messages().await.map_err(jserr)?;
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                p = self.permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            };
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                next = messages.next() => match next {
+                    None => return Ok(()),
+                    Some(Err(error)) => {
+                        tracing::debug!(kind = %self.kind, %error, "pull error; retrying");
+                        continue;
+                    }
+                    Some(Ok(m)) => m,
+                },
+            };
+            let worker = self.clone();
+            let cancel = shutdown.child_token();
+            tokio::spawn(async move {
+                worker.execute(message, cancel).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn execute(&self, message: jetstream::Message, cancel: CancellationToken) {
+        let decoded = binding::decode(message.headers.as_ref(), &message.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|ce| match RunEvent::from_cloudevent(&ce) {
+                Ok(RunEvent::StepRequested(r)) => Ok((r, event::traceparent(&ce).unwrap_or_default())),
+                Ok(other) => Err(format!("expected a step request, got {}", other.ty())),
+                Err(e) => Err(e.to_string()),
+            });
+        let (request, traceparent) = match decoded {
+            Ok(d) => d,
+            Err(reason) => {
+                let stored = dlq::publish(&self.bus.js, "runner", &message.subject, message.headers.as_ref(), message.payload.clone(), &reason).await;
+                let _ = message.ack_with(if stored.is_ok() { AckKind::Term } else { AckKind::Nak(None) }).await;
+                return;
+            }
+        };
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let started = Instant::now();
+        let outcome = if delivered > self.options.max_deliveries {
+            Err(StepError {
+                message: format!("the request was delivered {delivered} times without an outcome; runners kept dying or failing"),
+                retryable: false,
+            })
+        } else {
+            if delivered > 1 {
+                tracing::info!(run = %request.run_id, step = %request.step, delivered, "redelivered request: executing the attempt again with the same idempotency key");
+            }
+            self.run_handler(&request, delivered, cancel.clone(), &message).await
+        };
+        if cancel.is_cancelled() && outcome.is_err() {
+            // Shutting down: leave the request un-acked for another runner.
+            return;
+        }
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let event = match outcome {
+            Ok(output) => RunEvent::StepCompleted(StepCompleted {
+                run_id: request.run_id.clone(),
+                step: request.step.clone(),
+                attempt: request.attempt,
+                output,
+                runner: self.options.instance.clone(),
+                duration_ms,
+            }),
+            Err(error) => RunEvent::StepFailed(StepFailed {
+                run_id: request.run_id.clone(),
+                step: request.step.clone(),
+                attempt: request.attempt,
+                error,
+                runner: self.options.instance.clone(),
+            }),
+        };
+        let (headers, body) = binding::encode(&event.to_cloudevent(SOURCE, &traceparent));
+        let subject = event.subject(self.bus.partitions, &self.kind);
+        let stored = match self.bus.js.publish_with_headers(subject, headers, body).await {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match stored {
+            Ok(()) => {
+                let _ = message.ack().await;
+            }
+            Err(error) => {
+                tracing::warn!(run = %request.run_id, step = %request.step, %error, "cannot store the outcome; the request will be redelivered");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+
+    /// Runs the handler, with progress acks while it runs and the step's timeout if it has one.
+    async fn run_handler(
+        &self,
+        request: &StepRequested,
+        delivered: i64,
+        cancel: CancellationToken,
+        message: &jetstream::Message,
+    ) -> Result<Value, StepError> {
+        let ctx = StepContext {
+            run_id: request.run_id.clone(),
+            step: request.step.clone(),
+            attempt: request.attempt,
+            idempotency_key: request.idempotency_key.clone(),
+            delivered,
+            cancel: cancel.clone(),
+        };
+        let work = (self.handler)(request.input.clone(), ctx);
+        let timeout = request.timeout_ms.map(Duration::from_millis).unwrap_or(Duration::MAX);
+        let mut progress = tokio::time::interval(self.options.ack_wait / 3);
+        progress.tick().await;
+        tokio::pin!(work);
+        let deadline = tokio::time::sleep(timeout.min(Duration::from_secs(365 * 24 * 3600)));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
+                _ = &mut deadline => {
+                    cancel.cancel();
+                    return Err(StepError { message: format!("timed out after {} ms", timeout.as_millis()), retryable: true });
+                }
+                _ = cancel.cancelled() => {
+                    return Err(StepError { message: "the runner is shutting down".into(), retryable: true });
+                }
+            }
+        }
+    }
+}

@@ -125,7 +125,12 @@ impl Compiler {
         let mut errors = Vec::new();
         let t = Template::parse(value, at, &mut errors);
         for (at, e) in errors {
-            self.problem(at, e.to_string(), Some("see https://jqlang.org/manual for jq syntax"));
+            let hint = if has_dashed_key(&e.expr) {
+                "jq reads `.a-b` as `.a - b`: write keys with `-` as `.steps[\"deploy-canary\"]`"
+            } else {
+                "see https://jqlang.org/manual for jq syntax"
+            };
+            self.problem(at, e.to_string(), Some(hint));
         }
         t
     }
@@ -205,6 +210,17 @@ fn is_name(s: &str) -> bool {
 // Mirrors `baton_core::subjects::is_token`: names become NATS subject tokens and KV keys.
 fn baton_core_token(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Whether `expr` has a path like `.steps.deploy-canary`, which jq parses as a subtraction.
+fn has_dashed_key(expr: &str) -> bool {
+    let b = expr.as_bytes();
+    (1..b.len().saturating_sub(1)).any(|i| {
+        b[i] == b'-' && b[i + 1].is_ascii_alphabetic() && b[i - 1].is_ascii_alphanumeric() && {
+            let word_start = expr[..i].rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(0);
+            b.get(word_start) == Some(&b'.')
+        }
+    })
 }
 
 /// `if:` may be written with or without `${{ }}`.

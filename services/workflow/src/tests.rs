@@ -68,3 +68,22 @@ fn unknown_keys_and_yaml_errors_are_problems() {
     assert!(err.contains("stepz"), "{err}");
     assert!(compile("name: [\n").is_err());
 }
+
+#[test]
+fn the_bundled_examples_compile() {
+    for (name, src) in [
+        ("release", include_str!("../../../docs/examples/release.yaml")),
+        ("hello", include_str!("../../../docs/examples/hello.yaml")),
+    ] {
+        let wf = compile(src).unwrap_or_else(|p| panic!("{name}: {p}"));
+        assert_eq!(wf.name, name);
+    }
+}
+
+#[test]
+fn dashed_step_ids_in_jq_get_a_hint() {
+    let src = "name: x\nsteps:\n  - id: deploy-canary\n    uses: echo\n  - id: b\n    uses: echo\n    with: { v: \"${{ .steps.deploy-canary.outputs }}\" }\n";
+    let problems = compile(src).unwrap_err().0;
+    assert!(problems[0].hint.as_deref().unwrap().contains(r#".steps["deploy-canary"]"#), "{problems:?}");
+    assert!(!has_dashed_key(".a - 1") && !has_dashed_key("5-x") && has_dashed_key(".steps.a-b"));
+}

@@ -32,7 +32,7 @@ fn setup() -> (Workflow, Run) {
     let req = RunRequested {
         run_id: "r1".into(),
         workflow: WorkflowRef { name: "diamond".into(), version: 1 },
-        input: wf.resolve_input(&Value::Null).unwrap(),
+        input: Value::Null,
         trigger: None,
     };
     let run = Run::new(&req, &wf, "tp".into());
@@ -153,4 +153,18 @@ proptest! {
         unique.dedup();
         prop_assert_eq!(ids.len(), unique.len(), "a command was issued twice: {:?}", ids);
     }
+}
+
+#[test]
+fn an_invalid_input_fails_the_run_with_the_reason() {
+    let wf = baton_workflow::compile(DIAMOND).unwrap();
+    let req = RunRequested {
+        run_id: "r1".into(),
+        workflow: WorkflowRef { name: "diamond".into(), version: 1 },
+        input: json!({"n": "three"}),
+        trigger: None,
+    };
+    let mut run = Run::new(&req, &wf, "tp".into());
+    let cmds = run.decide(&wf);
+    assert!(matches!(&cmds[..], [RunEvent::Failed(f)] if f.error == "invalid input: input `n` must be a number, got \"three\""), "{cmds:?}");
 }
