@@ -1,1 +1,247 @@
-fn main() {}
+//! `baton`: the command-line tool. Runs the dev stack and each service, and talks to a running Baton.
+
+mod dev;
+mod runs;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use baton_core::shutdown::CancellationToken;
+use baton_core::streams::Topology;
+use baton_core::telemetry::{self, LogFormat};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "baton", version, about = "Event-driven workflows for DevOps on NATS JetStream")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "BATON_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Nats {
+    /// The NATS server (JetStream enabled, version 2.12 or newer).
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Stream replicas when Baton creates its streams: 1 on a single server, 3 on a cluster.
+    #[arg(long, env = "BATON_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+}
+
+impl Nats {
+    async fn connect(&self, name: &str) -> anyhow::Result<baton_core::Bus> {
+        let topology = Topology { replicas: self.replicas, ..Topology::default() };
+        Ok(baton_core::connect(&self.nats_url, name, &topology).await?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local dev stack: nats-server (installed if needed), coordinator, runners and gateway
+    /// in one process, with the bundled example workflows applied.
+    Dev(dev::Options),
+    /// Start a run of a workflow file, follow its steps, and print the result.
+    Run {
+        /// The workflow file (YAML or JSON). It is applied to the registry first.
+        file: PathBuf,
+        /// The run's input, a JSON object.
+        #[arg(long, default_value = "{}")]
+        input: String,
+        /// Give up waiting after this many seconds (the run goes on).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[command(flatten)]
+        nats: Nats,
+    },
+    /// Store workflow files in the registry as new versions (unchanged files make no version).
+    Apply {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        nats: Nats,
+    },
+    /// Look at runs.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
+    /// Run every service (coordinator, runner, gateway) in one process against a NATS server.
+    Serve {
+        #[command(flatten)]
+        nats: Nats,
+        /// Address of the gateway's HTTP server.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Seconds without progress after which a step request goes to another runner.
+        #[arg(long, default_value_t = 30)]
+        runner_ack_wait: u64,
+    },
+    /// Run the saga coordinator.
+    Coordinator {
+        #[command(flatten)]
+        nats: Nats,
+        /// Seconds after which the partitions of a dead coordinator move to another instance.
+        #[arg(long, default_value_t = 5)]
+        takeover_after: u64,
+    },
+    /// Run a step runner for the built-in step kinds.
+    Runner {
+        #[command(flatten)]
+        nats: Nats,
+        /// Steps executed at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Seconds without progress after which a request goes to another runner.
+        #[arg(long, default_value_t = 30)]
+        ack_wait: u64,
+    },
+    /// Run the gateway: HTTP ingress and trigger matching.
+    Gateway {
+        #[command(flatten)]
+        nats: Nats,
+        /// Address of the HTTP server.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+    },
+    /// Print the path of a nats-server that Baton can use, installing the pinned one if needed.
+    NatsServer,
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// Print a run: its status, steps, output and events.
+    Show {
+        id: String,
+        #[command(flatten)]
+        nats: Nats,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let format = if cli.log_json { LogFormat::Json } else { LogFormat::Text };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli.command, format)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match command {
+        Command::Dev(options) => {
+            // The demo's output is the run itself; keep the logs for problems.
+            telemetry::init(format, if options.demo { "warn" } else { "info,async_nats=warn" });
+            dev::run(options).await
+        }
+        Command::Run { file, input, timeout, nats } => {
+            telemetry::init(format, "warn");
+            let input: serde_json::Value =
+                serde_json::from_str(&input).context("--input must be a JSON object, e.g. '{\"name\": \"x\"}'")?;
+            let bus = nats.connect("baton-cli").await?;
+            let (name, version) = runs::apply_file(&bus, &file).await?;
+            let run_id = runs::start(&bus, &name, version, input).await?;
+            println!("Started run {run_id} of {name} v{version}");
+            let ok = runs::follow(&bus, &run_id, Duration::from_secs(timeout)).await?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Apply { files, nats } => {
+            telemetry::init(format, "warn");
+            let bus = nats.connect("baton-cli").await?;
+            for file in files {
+                runs::apply_file(&bus, &file).await?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs { command: RunsCommand::Show { id, nats } } => {
+            telemetry::init(format, "warn");
+            let bus = nats.connect("baton-cli").await?;
+            runs::show(&bus, &id).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { nats, http, runner_ack_wait } => {
+            telemetry::init(format, "info,async_nats=warn");
+            let bus = nats.connect("baton").await?;
+            let shutdown = baton_core::shutdown::on_signal();
+            run_services(bus, Some(http), Duration::from_secs(runner_ack_wait), shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Coordinator { nats, takeover_after } => {
+            telemetry::init(format, "info,async_nats=warn");
+            let bus = nats.connect("baton-coordinator").await?;
+            let options = baton_coordinator::Options {
+                takeover_after: Duration::from_secs(takeover_after),
+                ..Default::default()
+            };
+            let shutdown = baton_core::shutdown::on_signal();
+            baton_coordinator::Coordinator::new(bus, options).await?.run(shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runner { nats, concurrency, ack_wait } => {
+            telemetry::init(format, "info,async_nats=warn");
+            let bus = nats.connect("baton-runner").await?;
+            let options = baton_runner::Options {
+                concurrency,
+                ack_wait: Duration::from_secs(ack_wait),
+                ..Default::default()
+            };
+            let shutdown = baton_core::shutdown::on_signal();
+            baton_runner::Runner::new(bus, options, baton_runner::kinds::builtin()).run(shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gateway { nats, http } => {
+            telemetry::init(format, "info,async_nats=warn");
+            let bus = nats.connect("baton-gateway").await?;
+            let shutdown = baton_core::shutdown::on_signal();
+            baton_gateway::run(bus, baton_gateway::Options { listen: Some(http) }, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::NatsServer => {
+            telemetry::init(format, "warn");
+            let server = baton_core::provision::find_or_install(&baton_core::provision::default_home())?;
+            println!("{}", server.path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Runs every Baton service in this process until `shutdown` is cancelled.
+pub(crate) async fn run_services(
+    bus: baton_core::Bus,
+    http: Option<SocketAddr>,
+    runner_ack_wait: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let coordinator = baton_coordinator::Coordinator::new(bus.clone(), Default::default()).await?;
+    let runner = baton_runner::Runner::new(
+        bus.clone(),
+        baton_runner::Options { ack_wait: runner_ack_wait, ..Default::default() },
+        baton_runner::kinds::builtin(),
+    );
+    // Any service failing stops the others: a half-running stack is worse than a clear error.
+    let stop_all = |result: Result<(), String>| {
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result
+    };
+    let (c, r, g) = tokio::join!(
+        async { stop_all(coordinator.run(shutdown.clone()).await.map_err(|e| format!("coordinator: {e}"))) },
+        async { stop_all(runner.run(shutdown.clone()).await.map_err(|e| format!("runner: {e}"))) },
+        async {
+            let options = baton_gateway::Options { listen: http };
+            stop_all(baton_gateway::run(bus.clone(), options, shutdown.clone()).await.map_err(|e| format!("gateway: {e}")))
+        },
+    );
+    c.and(r).and(g).map_err(anyhow::Error::msg)
+}

@@ -14,7 +14,11 @@ pub enum LogFormat {
 /// defaulting to `default_filter`. Logs go to stderr so that command output on stdout stays clean.
 pub fn init(format: LogFormat, default_filter: &str) {
     let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // A second call (tests) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.with_target(false).try_init(),

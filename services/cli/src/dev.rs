@@ -1,0 +1,126 @@
+//! `baton dev`: the whole stack on one machine, in one process, plus its own nats-server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use baton_core::streams::Topology;
+use cloudevents::{EventBuilder, EventBuilderV10};
+
+use crate::server::NatsProcess;
+use crate::{run_services, runs};
+
+/// The example workflows applied by `baton dev`.
+const EXAMPLES: &[(&str, &str)] = &[
+    ("docs/examples/release.yaml", include_str!("../../../docs/examples/release.yaml")),
+    ("docs/examples/hello.yaml", include_str!("../../../docs/examples/hello.yaml")),
+];
+
+/// The demo's sample event: a real GitHub "release published" delivery body.
+const SAMPLE_RELEASE: &str = include_str!("../../../tests/fixtures/github/payloads/release__published.json");
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Where the dev stack keeps its JetStream data (default: `.baton/dev` in the project).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Port of the dev nats-server.
+    #[arg(long, default_value_t = 4222)]
+    port: u16,
+    /// Address of the gateway's HTTP server.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Feed the bundled sample event (a GitHub release) to the stack, show the run it starts, and
+    /// exit when the run ends.
+    #[arg(long)]
+    pub demo: bool,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
+    let home = baton_core::provision::default_home();
+    let server = tokio::task::spawn_blocking({
+        let home = home.clone();
+        move || baton_core::provision::find_or_install(&home)
+    })
+    .await??;
+    let data_dir = options.data_dir.unwrap_or_else(|| home.join("dev"));
+    let nats = NatsProcess::start(&server.path, &data_dir.join("jetstream"), options.port).await?;
+    let result = serve(&nats.url, &server, &data_dir, options.http, options.demo).await;
+    nats.stop().await;
+    result
+}
+
+async fn serve(
+    url: &str,
+    server: &baton_core::provision::Server,
+    data_dir: &std::path::Path,
+    http: SocketAddr,
+    demo: bool,
+) -> anyhow::Result<ExitCode> {
+    let bus = baton_core::connect(url, "baton-dev", &Topology::default()).await?;
+    println!("Baton dev stack");
+    println!("  nats-server {} at {url} ({})", server.version, server.path.display());
+    println!("  JetStream data in {}", data_dir.display());
+    println!("  gateway on http://{http} (/healthz, /readyz)");
+    println!("  coordinator ({} partitions) and runner (kinds: echo) in this process", bus.partitions);
+    let registry = baton_core::registry::Registry::open(&bus.js).await?;
+    for (path, source) in EXAMPLES {
+        let wf = baton_workflow::compile(source).map_err(|p| anyhow::anyhow!("{path}: {p}"))?;
+        let triggers: Vec<String> = wf.triggers.iter().map(|t| t.ty.clone()).collect();
+        let (version, _) = registry.apply(&wf.name, source, triggers.clone()).await?;
+        let on = if triggers.is_empty() { String::new() } else { format!(", started by {}", triggers.join(", ")) };
+        println!("  workflow {} v{version} from {path}{on}", wf.name);
+    }
+
+    let shutdown = baton_core::shutdown::on_signal();
+    let services = tokio::spawn(run_services(bus.clone(), Some(http), Duration::from_secs(30), shutdown.clone()));
+    let code = if demo {
+        let result = run_demo(&bus).await;
+        shutdown.cancel();
+        result?
+    } else {
+        println!("Try: NATS_URL={url} baton run docs/examples/hello.yaml --input '{{\"name\": \"you\"}}'");
+        println!("Ctrl-C stops the stack.");
+        shutdown.cancelled().await;
+        ExitCode::SUCCESS
+    };
+    // Give the services a bounded time to finish what they hold; un-acked work is redelivered anyway.
+    match tokio::time::timeout(Duration::from_secs(10), services).await {
+        Ok(joined) => joined.context("services panicked")??,
+        Err(_) => tracing::warn!("services did not stop within 10 s"),
+    }
+    println!("Baton dev stack stopped.");
+    Ok(code)
+}
+
+/// Publishes the sample GitHub release delivery on NATS as a CloudEvent, the way the gateway's
+/// GitHub adapter maps it, and follows the run it starts.
+async fn run_demo(bus: &baton_core::Bus) -> anyhow::Result<ExitCode> {
+    let payload: serde_json::Value = serde_json::from_str(SAMPLE_RELEASE)?;
+    let source = payload["repository"]["url"].as_str().unwrap_or("https://github.com").to_owned();
+    // Each demo is a new delivery, so it starts a new run.
+    let delivery = baton_core::event::new_run_id();
+    let event = EventBuilderV10::new()
+        .id(&delivery)
+        .source(&source)
+        .ty("com.github.release.published")
+        .subject(payload["release"]["id"].to_string())
+        .time(payload["release"]["published_at"].as_str().unwrap_or("1970-01-01T00:00:00Z"))
+        .data("application/json", SAMPLE_RELEASE.as_bytes().to_vec())
+        .build()?;
+    let (headers, body) = baton_core::binding::encode(&event);
+    bus.js
+        .publish_with_headers(baton_core::subjects::ingress("github"), headers, body)
+        .await?
+        .await
+        .context("the sample event was not stored")?;
+    println!("\nPublished a GitHub release.published event for {source} (delivery {delivery}) on NATS");
+    let run_id = baton_core::event::triggered_run_id("release", &source, &delivery);
+    println!("It starts run {run_id} of workflow release:");
+    let ok = runs::follow(bus, &run_id, Duration::from_secs(60)).await?;
+    println!("\nThe stack stops now and keeps its data. To look again: `baton dev` in one terminal, then");
+    println!("`baton runs show {run_id}` in another.");
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
