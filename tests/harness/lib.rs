@@ -1,1 +1,266 @@
-//! harness
+//! Test harness: real `nats-server` processes and real `baton` processes.
+//!
+//! Every server gets free ports and its own temporary store directory, and is killed and removed
+//! on drop, so tests run in parallel without seeing each other. A node can be stopped (SIGTERM),
+//! killed (SIGKILL) and restarted on the same ports and store.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+/// The workspace root (the parent of `tests/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+}
+
+/// A nats-server >= 2.12, found or installed once per test process by the same code as the CLI.
+pub fn nats_server_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let home = std::env::var_os("BATON_HOME").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".baton"));
+            match baton_core::provision::find_or_install(&home) {
+                Ok(server) => server.path,
+                Err(e) => panic!("no usable nats-server for the tests: {e}"),
+            }
+        })
+        .clone()
+}
+
+/// The `baton` binary built with the tests: `BATON_BIN`, else next to the test executable's
+/// `deps/` directory (`cargo test --workspace` and nextest build it).
+pub fn baton_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("BATON_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("baton");
+    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p baton` (the test script does)", bin.display());
+    bin
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// One nats-server process with JetStream.
+pub struct NatsServer {
+    pub name: String,
+    pub port: u16,
+    args: Vec<String>,
+    store: TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// A single node on a free port.
+    pub fn start() -> NatsServer {
+        let mut server = NatsServer::new("single".into(), free_port(), Vec::new());
+        server.spawn();
+        server
+    }
+
+    fn new(name: String, port: u16, extra: Vec<String>) -> NatsServer {
+        let store = tempfile::Builder::new().prefix("baton-nats-").tempdir().expect("temp dir");
+        let mut args: Vec<String> = ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n", &name, "-sd"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(store.path().display().to_string());
+        args.extend(extra);
+        NatsServer { name, port, args, store, child: None }
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = std::fs::File::create(self.store.path().join("server.log")).expect("log file");
+        let child = Command::new(nats_server_binary())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        assert!(wait_for_port(self.port, Duration::from_secs(15)), "{} did not listen on {}:\n{}", self.name, self.port, self.log());
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's log so far, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.store.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), signal);
+            let _ = child.wait();
+        }
+    }
+
+    /// Graceful stop (SIGTERM); the store is kept for [`restart`](Self::restart).
+    pub fn stop(&mut self) {
+        self.signal(Signal::SIGTERM);
+    }
+
+    /// `kill -9`; the store is kept for [`restart`](Self::restart).
+    pub fn kill(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+
+    /// Starts the server again on the same ports and store.
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A 3-node JetStream cluster on loopback.
+pub struct Cluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes = route_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let cluster = format!("baton-test-{}", client_ports[0]);
+        let mut nodes: Vec<NatsServer> = (0..3)
+            .map(|i| {
+                let extra = vec![
+                    "--cluster_name".into(),
+                    cluster.clone(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{}", route_ports[i]),
+                    "--routes".into(),
+                    routes.clone(),
+                ];
+                NatsServer::new(format!("n{i}"), client_ports[i], extra)
+            })
+            .collect();
+        for node in &mut nodes {
+            node.spawn();
+        }
+        Cluster { nodes }
+    }
+
+    /// Client URLs of every node, for clients that fail over.
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Waits until JetStream answers with a meta leader (the cluster has formed).
+    pub async fn wait_ready(&self) {
+        let urls: Vec<String> = self.nodes.iter().filter(|n| n.is_running()).map(NatsServer::url).collect();
+        let client = async_nats::connect(urls.as_slice()).await.expect("connect to the cluster");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let reply = client.request("$JS.API.INFO", "".into()).await;
+            if let Ok(msg) = reply
+                && !String::from_utf8_lossy(&msg.payload).contains("\"error\"")
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not elect a JetStream leader:\n{}", self.nodes[0].log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A `baton` process, killed on drop.
+pub struct BatonProcess {
+    child: Option<Child>,
+    args: Vec<String>,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl BatonProcess {
+    /// Starts `baton <args>`; its stderr goes to a log file shown by [`log`](Self::log).
+    pub fn start(args: &[&str]) -> BatonProcess {
+        let dir = tempfile::Builder::new().prefix("baton-proc-").tempdir().expect("temp dir");
+        let mut p = BatonProcess {
+            child: None,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            log: dir.path().join("baton.log"),
+            _dir: dir,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(baton_binary())
+            .args(&self.args)
+            .env("BATON_LOG", "info,async_nats=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start baton");
+        self.child = Some(child);
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the same command again.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for BatonProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `baton <args>` to completion and returns (success, stdout, stderr).
+pub fn baton_command(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = Command::new(baton_binary()).args(args).envs(env.iter().copied()).output().expect("run baton");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}

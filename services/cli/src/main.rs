@@ -149,8 +149,10 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             let input: serde_json::Value =
                 serde_json::from_str(&input).context("--input must be a JSON object, e.g. '{\"name\": \"x\"}'")?;
             let bus = nats.connect("baton-cli").await?;
-            let (name, version) = runs::apply_file(&bus, &file).await?;
-            let run_id = runs::start(&bus, &name, version, input).await?;
+            let (workflow, version) = runs::apply_file(&bus, &file).await?;
+            let name = &workflow.name;
+            workflow.resolve_input(&input).map_err(|e| anyhow::anyhow!("invalid --input for {name}: {e}"))?;
+            let run_id = runs::start(&bus, name, version, input).await?;
             println!("Started run {run_id} of {name} v{version}");
             let ok = runs::follow(&bus, &run_id, Duration::from_secs(timeout)).await?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })

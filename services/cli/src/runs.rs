@@ -11,8 +11,8 @@ use baton_core::registry::Registry;
 use baton_core::{Bus, binding, subjects};
 use futures::StreamExt;
 
-/// Validates a workflow file and stores it in the registry. Returns its name and version.
-pub async fn apply_file(bus: &Bus, file: &Path) -> anyhow::Result<(String, u64)> {
+/// Validates a workflow file and stores it in the registry. Returns it compiled, and its version.
+pub async fn apply_file(bus: &Bus, file: &Path) -> anyhow::Result<(baton_workflow::Workflow, u64)> {
     let source = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let workflow = baton_workflow::compile(&source).map_err(|problems| {
         let lines: Vec<String> = problems.0.iter().map(|p| format!("  {}: {p}", file.display())).collect();
@@ -23,7 +23,7 @@ pub async fn apply_file(bus: &Bus, file: &Path) -> anyhow::Result<(String, u64)>
     let (version, created) = registry.apply(&workflow.name, &source, triggers).await?;
     let what = if created { "stored as" } else { "unchanged at" };
     println!("Workflow {} {what} version {version}", workflow.name);
-    Ok((workflow.name, version))
+    Ok((workflow, version))
 }
 
 /// Publishes `run.requested` for a new run and returns its id once the request is stored.

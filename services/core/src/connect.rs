@@ -30,13 +30,13 @@ pub enum Error {
     Setup(#[from] streams::Error),
 }
 
-/// Connects to `url` as `name`, checks the server version, and ensures streams and buckets exist.
+/// Connects to `url` (one URL, or several separated by commas for a cluster) as `name`, checks the server version, and ensures streams and buckets exist.
 pub async fn connect(url: &str, name: &str, topology: &Topology) -> Result<Bus, Error> {
     let client = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None)
-        .connect(url)
+        .connect(url.split(',').map(str::trim).collect::<Vec<_>>().as_slice())
         .await
         .map_err(|source| Error::Connect { url: url.to_owned(), source })?;
     let info = client.server_info();
