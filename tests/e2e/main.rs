@@ -13,37 +13,61 @@ use baton_core::{Bus, subjects};
 
 /// Connects like a Baton service would (creating the streams).
 pub async fn bus(url: &str) -> Bus {
-    baton_core::connect(url, "e2e", &Topology::default()).await.expect("connect")
+    baton_core::connect(url, "e2e", &Topology::default())
+        .await
+        .expect("connect")
 }
 
 /// The run's journal.
 pub async fn journal(bus: &Bus, run_id: &str) -> Vec<Journaled> {
     let p = subjects::partition(run_id, bus.partitions);
-    read_journal(&bus.js, subjects::run_all(p, run_id)).await.expect("read journal")
+    read_journal(&bus.js, subjects::run_all(p, run_id))
+        .await
+        .expect("read journal")
 }
 
 /// Waits until the run has ended and returns its journal; panics with `context` after `timeout`.
-pub async fn wait_for_end(bus: &Bus, run_id: &str, timeout: Duration, context: impl Fn() -> String) -> Vec<Journaled> {
+pub async fn wait_for_end(
+    bus: &Bus,
+    run_id: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+) -> Vec<Journaled> {
     let deadline = Instant::now() + timeout;
     loop {
         let events = journal(bus, run_id).await;
-        if events.iter().any(|e| matches!(e.event, RunEvent::Succeeded(_) | RunEvent::Failed(_))) {
+        if events
+            .iter()
+            .any(|e| matches!(e.event, RunEvent::Succeeded(_) | RunEvent::Failed(_)))
+        {
             return events;
         }
-        assert!(Instant::now() < deadline, "run {run_id} did not end in {timeout:?}; journal: {events:#?}\n{}", context());
+        assert!(
+            Instant::now() < deadline,
+            "run {run_id} did not end in {timeout:?}; journal: {events:#?}\n{}",
+            context()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Waits until `pred` holds for the run's journal.
-pub async fn wait_for(bus: &Bus, run_id: &str, timeout: Duration, pred: impl Fn(&[Journaled]) -> bool) {
+pub async fn wait_for(
+    bus: &Bus,
+    run_id: &str,
+    timeout: Duration,
+    pred: impl Fn(&[Journaled]) -> bool,
+) {
     let deadline = Instant::now() + timeout;
     loop {
         let events = journal(bus, run_id).await;
         if pred(&events) {
             return;
         }
-        assert!(Instant::now() < deadline, "condition not met in {timeout:?}; journal: {events:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met in {timeout:?}; journal: {events:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -31,7 +31,12 @@ outputs:
 
 async fn apply(bus: &Bus) {
     let triggers = vec!["com.example.order.placed".to_owned()];
-    Registry::open(&bus.js).await.unwrap().apply("two-steps", TWO_STEPS, triggers).await.unwrap();
+    Registry::open(&bus.js)
+        .await
+        .unwrap()
+        .apply("two-steps", TWO_STEPS, triggers)
+        .await
+        .unwrap();
 }
 
 /// Publishes an order event and returns the id of the run it starts.
@@ -40,20 +45,42 @@ async fn publish_order(bus: &Bus, id: &str, delay_ms: u64) -> String {
         .id(id)
         .source("/shop")
         .ty("com.example.order.placed")
-        .data("application/json", serde_json::json!({"order": {"qty": 7}, "delay_ms": delay_ms}))
-        .extension("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .data(
+            "application/json",
+            serde_json::json!({"order": {"qty": 7}, "delay_ms": delay_ms}),
+        )
+        .extension(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .build()
         .unwrap();
     let (headers, body) = binding::encode(&event);
-    bus.js.publish_with_headers(subjects::ingress("nats"), headers, body).await.unwrap().await.unwrap();
+    bus.js
+        .publish_with_headers(subjects::ingress("nats"), headers, body)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     triggered_run_id("two-steps", "/shop", id)
 }
 
 fn serve(server: &NatsServer) -> BatonProcess {
-    BatonProcess::start(&["serve", "--nats-url", &server.url(), "--http", "127.0.0.1:0", "--runner-ack-wait", "2"])
+    BatonProcess::start(&[
+        "serve",
+        "--nats-url",
+        &server.url(),
+        "--http",
+        "127.0.0.1:0",
+        "--runner-ack-wait",
+        "2",
+    ])
 }
 
-fn count(events: &[baton_coordinator::service::Journaled], pred: impl Fn(&RunEvent) -> bool) -> usize {
+fn count(
+    events: &[baton_coordinator::service::Journaled],
+    pred: impl Fn(&RunEvent) -> bool,
+) -> usize {
     events.iter().filter(|e| pred(&e.event)).count()
 }
 
@@ -79,10 +106,18 @@ async fn an_event_on_nats_starts_a_run_whose_steps_chain_to_success() {
             "dev.baton.run.succeeded"
         ]
     );
-    let RunEvent::Succeeded(done) = &events.last().unwrap().event else { unreachable!() };
-    assert_eq!(done.output, serde_json::json!({"total": 21}), "B used A's output");
+    let RunEvent::Succeeded(done) = &events.last().unwrap().event else {
+        unreachable!()
+    };
+    assert_eq!(
+        done.output,
+        serde_json::json!({"total": 21}),
+        "B used A's output"
+    );
     assert!(
-        events.iter().all(|e| e.traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")),
+        events.iter().all(|e| e
+            .traceparent
+            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")),
         "every event continues the trigger's trace"
     );
 
@@ -105,20 +140,35 @@ async fn a_run_survives_kill_9_of_baton_mid_step_and_records_each_completion_onc
     // Step A takes 1.5 s: kill Baton while it runs.
     let run_id = publish_order(&bus, "order-2", 1500).await;
     wait_for(&bus, &run_id, Duration::from_secs(20), |events| {
-        events.iter().any(|e| matches!(&e.event, RunEvent::StepRequested(r) if r.step == "a"))
+        events
+            .iter()
+            .any(|e| matches!(&e.event, RunEvent::StepRequested(r) if r.step == "a"))
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     baton.kill();
     let before = crate::journal(&bus, &run_id).await;
-    assert_eq!(count(&before, |e| matches!(e, RunEvent::StepCompleted(_))), 0, "killed mid-step");
+    assert_eq!(
+        count(&before, |e| matches!(e, RunEvent::StepCompleted(_))),
+        0,
+        "killed mid-step"
+    );
 
     baton.restart();
     let events = wait_for_end(&bus, &run_id, Duration::from_secs(30), || baton.log()).await;
-    assert!(matches!(events.last().unwrap().event, RunEvent::Succeeded(_)), "{events:#?}");
+    assert!(
+        matches!(events.last().unwrap().event, RunEvent::Succeeded(_)),
+        "{events:#?}"
+    );
     for step in ["a", "b"] {
-        let completions = count(&events, |e| matches!(e, RunEvent::StepCompleted(c) if c.step == step));
-        assert_eq!(completions, 1, "step {step} completion recorded once: {events:#?}");
+        let completions = count(
+            &events,
+            |e| matches!(e, RunEvent::StepCompleted(c) if c.step == step),
+        );
+        assert_eq!(
+            completions, 1,
+            "step {step} completion recorded once: {events:#?}"
+        );
     }
     assert_eq!(count(&events, |e| matches!(e, RunEvent::Succeeded(_))), 1);
 }
@@ -131,7 +181,9 @@ async fn a_run_survives_kill_9_between_steps_and_a_restart_of_the_server() {
     let mut baton = serve(&server);
     let run_id = publish_order(&bus1, "order-3", 800).await;
     wait_for(&bus1, &run_id, Duration::from_secs(20), |events| {
-        events.iter().any(|e| matches!(&e.event, RunEvent::StepRequested(r) if r.step == "a"))
+        events
+            .iter()
+            .any(|e| matches!(&e.event, RunEvent::StepRequested(r) if r.step == "a"))
     })
     .await;
 
@@ -142,6 +194,12 @@ async fn a_run_survives_kill_9_between_steps_and_a_restart_of_the_server() {
     baton.restart();
     let bus2 = bus(&server.url()).await;
     let events = wait_for_end(&bus2, &run_id, Duration::from_secs(30), || baton.log()).await;
-    assert!(matches!(events.last().unwrap().event, RunEvent::Succeeded(_)), "{events:#?}");
-    assert_eq!(count(&events, |e| matches!(e, RunEvent::StepCompleted(_))), 2);
+    assert!(
+        matches!(events.last().unwrap().event, RunEvent::Succeeded(_)),
+        "{events:#?}"
+    );
+    assert_eq!(
+        count(&events, |e| matches!(e, RunEvent::StepCompleted(_))),
+        2
+    );
 }

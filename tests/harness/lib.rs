@@ -16,7 +16,10 @@ use tempfile::TempDir;
 
 /// The workspace root (the parent of `tests/`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
 }
 
 /// A nats-server >= 2.12, found or installed once per test process by the same code as the CLI.
@@ -24,7 +27,9 @@ pub fn nats_server_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY
         .get_or_init(|| {
-            let home = std::env::var_os("BATON_HOME").map(PathBuf::from).unwrap_or_else(|| workspace_root().join(".baton"));
+            let home = std::env::var_os("BATON_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| workspace_root().join(".baton"));
             match baton_core::provision::find_or_install(&home) {
                 Ok(server) => server.path,
                 Err(e) => panic!("no usable nats-server for the tests: {e}"),
@@ -40,15 +45,25 @@ pub fn baton_binary() -> PathBuf {
         return bin.into();
     }
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
     let bin = profile_dir.join("baton");
-    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p baton` (the test script does)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p baton` (the test script does)",
+        bin.display()
+    );
     bin
 }
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 fn wait_for_port(port: u16, timeout: Duration) -> bool {
@@ -80,14 +95,32 @@ impl NatsServer {
     }
 
     fn new(name: String, port: u16, extra: Vec<String>) -> NatsServer {
-        let store = tempfile::Builder::new().prefix("baton-nats-").tempdir().expect("temp dir");
-        let mut args: Vec<String> = ["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-n", &name, "-sd"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let store = tempfile::Builder::new()
+            .prefix("baton-nats-")
+            .tempdir()
+            .expect("temp dir");
+        let mut args: Vec<String> = [
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-n",
+            &name,
+            "-sd",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         args.push(store.path().display().to_string());
         args.extend(extra);
-        NatsServer { name, port, args, store, child: None }
+        NatsServer {
+            name,
+            port,
+            args,
+            store,
+            child: None,
+        }
     }
 
     fn spawn(&mut self) {
@@ -101,7 +134,13 @@ impl NatsServer {
             .spawn()
             .expect("start nats-server");
         self.child = Some(child);
-        assert!(wait_for_port(self.port, Duration::from_secs(15)), "{} did not listen on {}:\n{}", self.name, self.port, self.log());
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(15)),
+            "{} did not listen on {}:\n{}",
+            self.name,
+            self.port,
+            self.log()
+        );
     }
 
     pub fn url(&self) -> String {
@@ -155,7 +194,11 @@ impl Cluster {
     pub fn start() -> Cluster {
         let client_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes = route_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let routes = route_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let cluster = format!("baton-test-{}", client_ports[0]);
         let mut nodes: Vec<NatsServer> = (0..3)
             .map(|i| {
@@ -178,13 +221,24 @@ impl Cluster {
 
     /// Client URLs of every node, for clients that fail over.
     pub fn urls(&self) -> String {
-        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Waits until JetStream answers with a meta leader (the cluster has formed).
     pub async fn wait_ready(&self) {
-        let urls: Vec<String> = self.nodes.iter().filter(|n| n.is_running()).map(NatsServer::url).collect();
-        let client = async_nats::connect(urls.as_slice()).await.expect("connect to the cluster");
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(NatsServer::url)
+            .collect();
+        let client = async_nats::connect(urls.as_slice())
+            .await
+            .expect("connect to the cluster");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let reply = client.request("$JS.API.INFO", "".into()).await;
@@ -193,7 +247,11 @@ impl Cluster {
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "the cluster did not elect a JetStream leader:\n{}", self.nodes[0].log());
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not elect a JetStream leader:\n{}",
+                self.nodes[0].log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -210,7 +268,10 @@ pub struct BatonProcess {
 impl BatonProcess {
     /// Starts `baton <args>`; its stderr goes to a log file shown by [`log`](Self::log).
     pub fn start(args: &[&str]) -> BatonProcess {
-        let dir = tempfile::Builder::new().prefix("baton-proc-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("baton-proc-")
+            .tempdir()
+            .expect("temp dir");
         let mut p = BatonProcess {
             child: None,
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -222,7 +283,11 @@ impl BatonProcess {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let child = Command::new(baton_binary())
             .args(&self.args)
             .env("BATON_LOG", "info,async_nats=warn")
@@ -261,6 +326,14 @@ impl Drop for BatonProcess {
 
 /// Runs `baton <args>` to completion and returns (success, stdout, stderr).
 pub fn baton_command(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let out = Command::new(baton_binary()).args(args).envs(env.iter().copied()).output().expect("run baton");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(baton_binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run baton");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -14,12 +14,19 @@ use crate::{run_services, runs};
 
 /// The example workflows applied by `baton dev`.
 const EXAMPLES: &[(&str, &str)] = &[
-    ("docs/examples/release.yaml", include_str!("../../../docs/examples/release.yaml")),
-    ("docs/examples/hello.yaml", include_str!("../../../docs/examples/hello.yaml")),
+    (
+        "docs/examples/release.yaml",
+        include_str!("../../../docs/examples/release.yaml"),
+    ),
+    (
+        "docs/examples/hello.yaml",
+        include_str!("../../../docs/examples/hello.yaml"),
+    ),
 ];
 
 /// The demo's sample event: a real GitHub "release published" delivery body.
-const SAMPLE_RELEASE: &str = include_str!("../../../tests/fixtures/github/payloads/release__published.json");
+const SAMPLE_RELEASE: &str =
+    include_str!("../../../tests/fixtures/github/payloads/release__published.json");
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -61,27 +68,45 @@ async fn serve(
 ) -> anyhow::Result<ExitCode> {
     let bus = baton_core::connect(url, "baton-dev", &Topology::default()).await?;
     println!("Baton dev stack");
-    println!("  nats-server {} at {url} ({})", server.version, server.path.display());
+    println!(
+        "  nats-server {} at {url} ({})",
+        server.version,
+        server.path.display()
+    );
     println!("  JetStream data in {}", data_dir.display());
     println!("  gateway on http://{http} (/healthz, /readyz)");
-    println!("  coordinator ({} partitions) and runner (kinds: echo) in this process", bus.partitions);
+    println!(
+        "  coordinator ({} partitions) and runner (kinds: echo) in this process",
+        bus.partitions
+    );
     let registry = baton_core::registry::Registry::open(&bus.js).await?;
     for (path, source) in EXAMPLES {
         let wf = baton_workflow::compile(source).map_err(|p| anyhow::anyhow!("{path}: {p}"))?;
         let triggers: Vec<String> = wf.triggers.iter().map(|t| t.ty.clone()).collect();
         let (version, _) = registry.apply(&wf.name, source, triggers.clone()).await?;
-        let on = if triggers.is_empty() { String::new() } else { format!(", started by {}", triggers.join(", ")) };
+        let on = if triggers.is_empty() {
+            String::new()
+        } else {
+            format!(", started by {}", triggers.join(", "))
+        };
         println!("  workflow {} v{version} from {path}{on}", wf.name);
     }
 
     let shutdown = baton_core::shutdown::on_signal();
-    let services = tokio::spawn(run_services(bus.clone(), Some(http), Duration::from_secs(30), shutdown.clone()));
+    let services = tokio::spawn(run_services(
+        bus.clone(),
+        Some(http),
+        Duration::from_secs(30),
+        shutdown.clone(),
+    ));
     let code = if demo {
         let result = run_demo(&bus).await;
         shutdown.cancel();
         result?
     } else {
-        println!("Try: NATS_URL={url} baton run docs/examples/hello.yaml --input '{{\"name\": \"you\"}}'");
+        println!(
+            "Try: NATS_URL={url} baton run docs/examples/hello.yaml --input '{{\"name\": \"you\"}}'"
+        );
         println!("Ctrl-C stops the stack.");
         shutdown.cancelled().await;
         ExitCode::SUCCESS
@@ -99,7 +124,10 @@ async fn serve(
 /// GitHub adapter maps it, and follows the run it starts.
 async fn run_demo(bus: &baton_core::Bus) -> anyhow::Result<ExitCode> {
     let payload: serde_json::Value = serde_json::from_str(SAMPLE_RELEASE)?;
-    let source = payload["repository"]["url"].as_str().unwrap_or("https://github.com").to_owned();
+    let source = payload["repository"]["url"]
+        .as_str()
+        .unwrap_or("https://github.com")
+        .to_owned();
     // Each demo is a new delivery, so it starts a new run.
     let delivery = baton_core::event::new_run_id();
     let event = EventBuilderV10::new()
@@ -107,7 +135,11 @@ async fn run_demo(bus: &baton_core::Bus) -> anyhow::Result<ExitCode> {
         .source(&source)
         .ty("com.github.release.published")
         .subject(payload["release"]["id"].to_string())
-        .time(payload["release"]["published_at"].as_str().unwrap_or("1970-01-01T00:00:00Z"))
+        .time(
+            payload["release"]["published_at"]
+                .as_str()
+                .unwrap_or("1970-01-01T00:00:00Z"),
+        )
         .data("application/json", SAMPLE_RELEASE.as_bytes().to_vec())
         .build()?;
     let (headers, body) = baton_core::binding::encode(&event);
@@ -116,11 +148,19 @@ async fn run_demo(bus: &baton_core::Bus) -> anyhow::Result<ExitCode> {
         .await?
         .await
         .context("the sample event was not stored")?;
-    println!("\nPublished a GitHub release.published event for {source} (delivery {delivery}) on NATS");
+    println!(
+        "\nPublished a GitHub release.published event for {source} (delivery {delivery}) on NATS"
+    );
     let run_id = baton_core::event::triggered_run_id("release", &source, &delivery);
     println!("It starts run {run_id} of workflow release:");
     let ok = runs::follow(bus, &run_id, Duration::from_secs(60)).await?;
-    println!("\nThe stack stops now and keeps its data. To look again: `baton dev` in one terminal, then");
+    println!(
+        "\nThe stack stops now and keeps its data. To look again: `baton dev` in one terminal, then"
+    );
     println!("`baton runs show {run_id}` in another.");
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -15,7 +15,11 @@ use baton_core::telemetry::{self, LogFormat};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "baton", version, about = "Event-driven workflows for DevOps on NATS JetStream")]
+#[command(
+    name = "baton",
+    version,
+    about = "Event-driven workflows for DevOps on NATS JetStream"
+)]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true, env = "BATON_LOG_JSON")]
@@ -36,7 +40,10 @@ struct Nats {
 
 impl Nats {
     async fn connect(&self, name: &str) -> anyhow::Result<baton_core::Bus> {
-        let topology = Topology { replicas: self.replicas, ..Topology::default() };
+        let topology = Topology {
+            replicas: self.replicas,
+            ..Topology::default()
+        };
         Ok(baton_core::connect(&self.nats_url, name, &topology).await?)
     }
 }
@@ -125,8 +132,15 @@ enum RunsCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let format = if cli.log_json { LogFormat::Json } else { LogFormat::Text };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let format = if cli.log_json {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(cli.command, format)) {
         Ok(code) => code,
         Err(error) => {
@@ -141,21 +155,39 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
     match command {
         Command::Dev(options) => {
             // The demo's output is the run itself; keep the logs for problems.
-            telemetry::init(format, if options.demo { "warn" } else { "info,async_nats=warn" });
+            telemetry::init(
+                format,
+                if options.demo {
+                    "warn"
+                } else {
+                    "info,async_nats=warn"
+                },
+            );
             dev::run(options).await
         }
-        Command::Run { file, input, timeout, nats } => {
+        Command::Run {
+            file,
+            input,
+            timeout,
+            nats,
+        } => {
             telemetry::init(format, "warn");
-            let input: serde_json::Value =
-                serde_json::from_str(&input).context("--input must be a JSON object, e.g. '{\"name\": \"x\"}'")?;
+            let input: serde_json::Value = serde_json::from_str(&input)
+                .context("--input must be a JSON object, e.g. '{\"name\": \"x\"}'")?;
             let bus = nats.connect("baton-cli").await?;
             let (workflow, version) = runs::apply_file(&bus, &file).await?;
             let name = &workflow.name;
-            workflow.resolve_input(&input).map_err(|e| anyhow::anyhow!("invalid --input for {name}: {e}"))?;
+            workflow
+                .resolve_input(&input)
+                .map_err(|e| anyhow::anyhow!("invalid --input for {name}: {e}"))?;
             let run_id = runs::start(&bus, name, version, input).await?;
             println!("Started run {run_id} of {name} v{version}");
             let ok = runs::follow(&bus, &run_id, Duration::from_secs(timeout)).await?;
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Apply { files, nats } => {
             telemetry::init(format, "warn");
@@ -165,20 +197,35 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Runs { command: RunsCommand::Show { id, nats } } => {
+        Command::Runs {
+            command: RunsCommand::Show { id, nats },
+        } => {
             telemetry::init(format, "warn");
             let bus = nats.connect("baton-cli").await?;
             runs::show(&bus, &id).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { nats, http, runner_ack_wait } => {
+        Command::Serve {
+            nats,
+            http,
+            runner_ack_wait,
+        } => {
             telemetry::init(format, "info,async_nats=warn");
             let bus = nats.connect("baton").await?;
             let shutdown = baton_core::shutdown::on_signal();
-            run_services(bus, Some(http), Duration::from_secs(runner_ack_wait), shutdown).await?;
+            run_services(
+                bus,
+                Some(http),
+                Duration::from_secs(runner_ack_wait),
+                shutdown,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Coordinator { nats, takeover_after } => {
+        Command::Coordinator {
+            nats,
+            takeover_after,
+        } => {
             telemetry::init(format, "info,async_nats=warn");
             let bus = nats.connect("baton-coordinator").await?;
             let options = baton_coordinator::Options {
@@ -186,10 +233,17 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 ..Default::default()
             };
             let shutdown = baton_core::shutdown::on_signal();
-            baton_coordinator::Coordinator::new(bus, options).await?.run(shutdown).await?;
+            baton_coordinator::Coordinator::new(bus, options)
+                .await?
+                .run(shutdown)
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Runner { nats, concurrency, ack_wait } => {
+        Command::Runner {
+            nats,
+            concurrency,
+            ack_wait,
+        } => {
             telemetry::init(format, "info,async_nats=warn");
             let bus = nats.connect("baton-runner").await?;
             let options = baton_runner::Options {
@@ -198,19 +252,23 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 ..Default::default()
             };
             let shutdown = baton_core::shutdown::on_signal();
-            baton_runner::Runner::new(bus, options, baton_runner::kinds::builtin()).run(shutdown).await?;
+            baton_runner::Runner::new(bus, options, baton_runner::kinds::builtin())
+                .run(shutdown)
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Gateway { nats, http } => {
             telemetry::init(format, "info,async_nats=warn");
             let bus = nats.connect("baton-gateway").await?;
             let shutdown = baton_core::shutdown::on_signal();
-            baton_gateway::run(bus, baton_gateway::Options { listen: Some(http) }, shutdown).await?;
+            baton_gateway::run(bus, baton_gateway::Options { listen: Some(http) }, shutdown)
+                .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::NatsServer => {
             telemetry::init(format, "warn");
-            let server = baton_core::provision::find_or_install(&baton_core::provision::default_home())?;
+            let server =
+                baton_core::provision::find_or_install(&baton_core::provision::default_home())?;
             println!("{}", server.path.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -227,7 +285,10 @@ pub(crate) async fn run_services(
     let coordinator = baton_coordinator::Coordinator::new(bus.clone(), Default::default()).await?;
     let runner = baton_runner::Runner::new(
         bus.clone(),
-        baton_runner::Options { ack_wait: runner_ack_wait, ..Default::default() },
+        baton_runner::Options {
+            ack_wait: runner_ack_wait,
+            ..Default::default()
+        },
         baton_runner::kinds::builtin(),
     );
     // Any service failing stops the others: a half-running stack is worse than a clear error.
@@ -238,11 +299,29 @@ pub(crate) async fn run_services(
         result
     };
     let (c, r, g) = tokio::join!(
-        async { stop_all(coordinator.run(shutdown.clone()).await.map_err(|e| format!("coordinator: {e}"))) },
-        async { stop_all(runner.run(shutdown.clone()).await.map_err(|e| format!("runner: {e}"))) },
+        async {
+            stop_all(
+                coordinator
+                    .run(shutdown.clone())
+                    .await
+                    .map_err(|e| format!("coordinator: {e}")),
+            )
+        },
+        async {
+            stop_all(
+                runner
+                    .run(shutdown.clone())
+                    .await
+                    .map_err(|e| format!("runner: {e}")),
+            )
+        },
         async {
             let options = baton_gateway::Options { listen: http };
-            stop_all(baton_gateway::run(bus.clone(), options, shutdown.clone()).await.map_err(|e| format!("gateway: {e}")))
+            stop_all(
+                baton_gateway::run(bus.clone(), options, shutdown.clone())
+                    .await
+                    .map_err(|e| format!("gateway: {e}")),
+            )
         },
     );
     c.and(r).and(g).map_err(anyhow::Error::msg)

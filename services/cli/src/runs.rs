@@ -13,10 +13,19 @@ use futures::StreamExt;
 
 /// Validates a workflow file and stores it in the registry. Returns it compiled, and its version.
 pub async fn apply_file(bus: &Bus, file: &Path) -> anyhow::Result<(baton_workflow::Workflow, u64)> {
-    let source = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let source =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let workflow = baton_workflow::compile(&source).map_err(|problems| {
-        let lines: Vec<String> = problems.0.iter().map(|p| format!("  {}: {p}", file.display())).collect();
-        anyhow::anyhow!("{} is not a valid workflow:\n{}", file.display(), lines.join("\n"))
+        let lines: Vec<String> = problems
+            .0
+            .iter()
+            .map(|p| format!("  {}: {p}", file.display()))
+            .collect();
+        anyhow::anyhow!(
+            "{} is not a valid workflow:\n{}",
+            file.display(),
+            lines.join("\n")
+        )
     })?;
     let registry = Registry::open(&bus.js).await?;
     let triggers = workflow.triggers.iter().map(|t| t.ty.clone()).collect();
@@ -27,15 +36,24 @@ pub async fn apply_file(bus: &Bus, file: &Path) -> anyhow::Result<(baton_workflo
 }
 
 /// Publishes `run.requested` for a new run and returns its id once the request is stored.
-pub async fn start(bus: &Bus, name: &str, version: u64, input: serde_json::Value) -> anyhow::Result<String> {
+pub async fn start(
+    bus: &Bus,
+    name: &str,
+    version: u64,
+    input: serde_json::Value,
+) -> anyhow::Result<String> {
     let run_id = event::new_run_id();
     let request = RunEvent::Requested(RunRequested {
         run_id: run_id.clone(),
-        workflow: WorkflowRef { name: name.to_owned(), version },
+        workflow: WorkflowRef {
+            name: name.to_owned(),
+            version,
+        },
         input,
         trigger: None,
     });
-    let (headers, body) = binding::encode(&request.to_cloudevent("baton/cli", &event::new_traceparent()));
+    let (headers, body) =
+        binding::encode(&request.to_cloudevent("baton/cli", &event::new_traceparent()));
     bus.js
         .publish_with_headers(request.subject(bus.partitions, ""), headers, body)
         .await?
@@ -61,16 +79,26 @@ pub async fn follow(bus: &Bus, run_id: &str, timeout: Duration) -> anyhow::Resul
     loop {
         let next = tokio::time::timeout_at(deadline, messages.next()).await;
         let message = match next {
-            Err(_) => bail!("run {run_id} has not ended after {}s; it goes on: `baton runs show {run_id}`", timeout.as_secs()),
+            Err(_) => bail!(
+                "run {run_id} has not ended after {}s; it goes on: `baton runs show {run_id}`",
+                timeout.as_secs()
+            ),
             Ok(None) => bail!("the event stream ended"),
             Ok(Some(m)) => m?,
         };
-        let Ok(ce) = binding::decode(message.headers.as_ref(), &message.payload) else { continue };
-        let Ok(event) = RunEvent::from_cloudevent(&ce) else { continue };
+        let Ok(ce) = binding::decode(message.headers.as_ref(), &message.payload) else {
+            continue;
+        };
+        let Ok(event) = RunEvent::from_cloudevent(&ce) else {
+            continue;
+        };
         println!("  {}", describe(&event));
         match event {
             RunEvent::Succeeded(s) => {
-                println!("Run {run_id} succeeded. Output:\n{}", serde_json::to_string_pretty(&s.output)?);
+                println!(
+                    "Run {run_id} succeeded. Output:\n{}",
+                    serde_json::to_string_pretty(&s.output)?
+                );
                 return Ok(true);
             }
             RunEvent::Failed(f) => {
@@ -85,13 +113,24 @@ pub async fn follow(bus: &Bus, run_id: &str, timeout: Duration) -> anyhow::Resul
 /// One line about one event.
 fn describe(event: &RunEvent) -> String {
     match event {
-        RunEvent::Requested(r) => format!("run requested: {} v{}", r.workflow.name, r.workflow.version),
-        RunEvent::CancelRequested(c) => format!("cancel requested: {}", c.reason),
-        RunEvent::StepRequested(r) => format!("step {} requested (attempt {}, kind {})", r.step, r.attempt, r.kind),
-        RunEvent::StepCompleted(c) => {
-            format!("step {} completed in {} ms on {}: {}", c.step, c.duration_ms, c.runner, c.output)
+        RunEvent::Requested(r) => {
+            format!("run requested: {} v{}", r.workflow.name, r.workflow.version)
         }
-        RunEvent::StepFailed(f) => format!("step {} failed (attempt {}): {}", f.step, f.attempt, f.error.message),
+        RunEvent::CancelRequested(c) => format!("cancel requested: {}", c.reason),
+        RunEvent::StepRequested(r) => format!(
+            "step {} requested (attempt {}, kind {})",
+            r.step, r.attempt, r.kind
+        ),
+        RunEvent::StepCompleted(c) => {
+            format!(
+                "step {} completed in {} ms on {}: {}",
+                c.step, c.duration_ms, c.runner, c.output
+            )
+        }
+        RunEvent::StepFailed(f) => format!(
+            "step {} failed (attempt {}): {}",
+            f.step, f.attempt, f.error.message
+        ),
         RunEvent::Succeeded(_) => "run succeeded".to_owned(),
         RunEvent::Failed(f) => format!("run failed: {}", f.error),
     }
@@ -101,7 +140,12 @@ fn describe(event: &RunEvent) -> String {
 pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
     let p = subjects::partition(run_id, bus.partitions);
     let events = read_journal(&bus.js, subjects::run_all(p, run_id)).await?;
-    let Some(Journaled { event: RunEvent::Requested(request), traceparent, .. }) = events.first().cloned() else {
+    let Some(Journaled {
+        event: RunEvent::Requested(request),
+        traceparent,
+        ..
+    }) = events.first().cloned()
+    else {
         bail!("no run with id {run_id}; ids are printed by `baton run` and in the gateway's log");
     };
     let workflows = baton_coordinator::workflows::Workflows::new(Registry::open(&bus.js).await?);
@@ -114,11 +158,17 @@ pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
         run.apply(&e.event);
     }
     println!("Run {run_id}");
-    println!("  workflow  {} v{}", run.workflow.name, run.workflow.version);
+    println!(
+        "  workflow  {} v{}",
+        run.workflow.name, run.workflow.version
+    );
     println!("  status    {}", run.status.as_str());
     println!("  trace     {}", run.traceparent);
     if let Some(trigger) = &run.trigger {
-        println!("  trigger   {} from {} (id {})", trigger.ty, trigger.source, trigger.id);
+        println!(
+            "  trigger   {} from {} (id {})",
+            trigger.ty, trigger.source, trigger.id
+        );
     }
     println!("  input     {}", run.input);
     println!("Steps");

@@ -6,7 +6,9 @@
 //! redelivered event changes nothing, and after a replay of the journal the next `handle` issues
 //! exactly what is still missing.
 
-use baton_core::event::{RunEvent, RunFailed, RunRequested, RunSucceeded, StepRequested, Trigger, WorkflowRef};
+use baton_core::event::{
+    RunEvent, RunFailed, RunRequested, RunSucceeded, StepRequested, Trigger, WorkflowRef,
+};
 use baton_workflow::Workflow;
 use baton_workflow::expr::to_val;
 use serde::Serialize;
@@ -128,7 +130,11 @@ impl Run {
         match event {
             RunEvent::Requested(_) => {}
             RunEvent::CancelRequested(c) => {
-                let reason = if c.reason.is_empty() { "cancelled".to_owned() } else { format!("cancelled: {}", c.reason) };
+                let reason = if c.reason.is_empty() {
+                    "cancelled".to_owned()
+                } else {
+                    format!("cancelled: {}", c.reason)
+                };
                 self.abort.get_or_insert(reason);
             }
             RunEvent::StepRequested(r) => {
@@ -153,7 +159,10 @@ impl Run {
                 if let Some(step) = self.step_mut(&f.step)
                     && step.status == (StepStatus::Requested { attempt: f.attempt })
                 {
-                    step.status = StepStatus::Failed { attempt: f.attempt, error: f.error.message.clone() };
+                    step.status = StepStatus::Failed {
+                        attempt: f.attempt,
+                        error: f.error.message.clone(),
+                    };
                 }
             }
             RunEvent::Succeeded(s) => {
@@ -180,8 +189,14 @@ impl Run {
         if let Some(reason) = self.abort.clone() {
             return self.end(commands, self.failed(reason, None));
         }
-        if let Some(step) = self.steps.iter().find(|s| matches!(s.status, StepStatus::Failed { .. })) {
-            let StepStatus::Failed { error, .. } = &step.status else { unreachable!() };
+        if let Some(step) = self
+            .steps
+            .iter()
+            .find(|s| matches!(s.status, StepStatus::Failed { .. }))
+        {
+            let StepStatus::Failed { error, .. } = &step.status else {
+                unreachable!()
+            };
             let (error, id) = (format!("step {} failed: {error}", step.id), step.id.clone());
             return self.end(commands, self.failed(error, Some(id)));
         }
@@ -198,10 +213,21 @@ impl Run {
                 let skip = match &spec.condition {
                     Some(condition) => match condition.truthy(&context) {
                         Ok(run) => !run,
-                        Err(e) => return self.end(commands, self.failed(format!("step {}: `if` {e}", spec.id), Some(spec.id.clone()))),
+                        Err(e) => {
+                            return self.end(
+                                commands,
+                                self.failed(
+                                    format!("step {}: `if` {e}", spec.id),
+                                    Some(spec.id.clone()),
+                                ),
+                            );
+                        }
                     },
                     // Without an `if`, a step whose dependency was skipped is skipped too.
-                    None => spec.needs.iter().any(|&n| self.steps[n].status == StepStatus::Skipped),
+                    None => spec
+                        .needs
+                        .iter()
+                        .any(|&n| self.steps[n].status == StepStatus::Skipped),
                 };
                 changed = true;
                 if skip {
@@ -210,7 +236,15 @@ impl Run {
                 }
                 let input = match spec.with.eval(&context) {
                     Ok(v) => v,
-                    Err(e) => return self.end(commands, self.failed(format!("step {}: `with` {e}", spec.id), Some(spec.id.clone()))),
+                    Err(e) => {
+                        return self.end(
+                            commands,
+                            self.failed(
+                                format!("step {}: `with` {e}", spec.id),
+                                Some(spec.id.clone()),
+                            ),
+                        );
+                    }
                 };
                 let request = RunEvent::StepRequested(StepRequested {
                     run_id: self.id.clone(),
@@ -230,7 +264,10 @@ impl Run {
         }
         if self.steps.iter().all(|s| s.status.is_done()) {
             let end = match workflow.outputs.eval(&to_val(&self.context())) {
-                Ok(output) => RunEvent::Succeeded(RunSucceeded { run_id: self.id.clone(), output }),
+                Ok(output) => RunEvent::Succeeded(RunSucceeded {
+                    run_id: self.id.clone(),
+                    output,
+                }),
                 Err(e) => self.failed(format!("run outputs: {e}"), None),
             };
             return self.end(commands, end);
@@ -239,7 +276,11 @@ impl Run {
     }
 
     fn failed(&self, error: String, step: Option<String>) -> RunEvent {
-        RunEvent::Failed(RunFailed { run_id: self.id.clone(), error, step })
+        RunEvent::Failed(RunFailed {
+            run_id: self.id.clone(),
+            error,
+            step,
+        })
     }
 
     fn end(&mut self, mut commands: Vec<RunEvent>, end: RunEvent) -> Vec<RunEvent> {

@@ -55,12 +55,21 @@ pub struct Coordinator {
 impl Coordinator {
     pub async fn new(bus: Bus, options: Options) -> Result<Coordinator, Error> {
         let registry = baton_core::registry::Registry::open(&bus.js).await?;
-        Ok(Coordinator { bus, options, workflows: Workflows::new(registry) })
+        Ok(Coordinator {
+            bus,
+            options,
+            workflows: Workflows::new(registry),
+        })
     }
 
     /// Runs until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let stream = self.bus.js.get_stream(baton_core::streams::RUNS).await.map_err(jserr)?;
+        let stream = self
+            .bus
+            .js
+            .get_stream(baton_core::streams::RUNS)
+            .await
+            .map_err(jserr)?;
         let mut tasks = Vec::new();
         for p in 0..self.bus.partitions {
             let consumer: consumer::PullConsumer = stream
@@ -85,7 +94,11 @@ impl Coordinator {
                 pin: None,
                 instance: self.options.instance.clone(),
             };
-            tasks.push(tokio::spawn(partition.run(consumer, self.options.takeover_after, shutdown.clone())));
+            tasks.push(tokio::spawn(partition.run(
+                consumer,
+                self.options.takeover_after,
+                shutdown.clone(),
+            )));
         }
         tracing::info!(instance = %self.options.instance, partitions = self.bus.partitions, "coordinator started");
         for result in join_all(tasks).await {
@@ -190,22 +203,38 @@ impl Partition {
             self.fold(e).await;
         }
         self.runs.retain(|_, (run, _)| !run.status.is_terminal());
-        tracing::info!(partition = self.p, events = count, live_runs = self.runs.len(), "rebuilt partition");
+        tracing::info!(
+            partition = self.p,
+            events = count,
+            live_runs = self.runs.len(),
+            "rebuilt partition"
+        );
         Ok(())
     }
 
     /// Folds a journal event into `runs` without deciding anything.
-    async fn fold(&mut self, Journaled { event, traceparent, .. }: Journaled) {
+    async fn fold(
+        &mut self,
+        Journaled {
+            event, traceparent, ..
+        }: Journaled,
+    ) {
         if let RunEvent::Requested(r) = &event {
             if self.runs.contains_key(&r.run_id) {
                 return;
             }
-            match self.workflows.get(&r.workflow.name, r.workflow.version).await {
+            match self
+                .workflows
+                .get(&r.workflow.name, r.workflow.version)
+                .await
+            {
                 Ok(wf) => {
                     let run = Run::new(r, &wf, traceparent);
                     self.runs.insert(r.run_id.clone(), (run, wf));
                 }
-                Err(error) => tracing::warn!(run = %r.run_id, %error, "cannot load the run's workflow"),
+                Err(error) => {
+                    tracing::warn!(run = %r.run_id, %error, "cannot load the run's workflow")
+                }
             }
         } else if let Some((run, _)) = self.runs.get_mut(event.run_id()) {
             run.apply(&event);
@@ -217,7 +246,9 @@ impl Partition {
             .map_err(|e| e.to_string())
             .and_then(|ce| {
                 let tp = event::traceparent(&ce).unwrap_or_default();
-                RunEvent::from_cloudevent(&ce).map(|e| (e, tp)).map_err(|e| e.to_string())
+                RunEvent::from_cloudevent(&ce)
+                    .map(|e| (e, tp))
+                    .map_err(|e| e.to_string())
             });
         let (event, traceparent) = match decoded {
             Ok(d) => d,
@@ -226,9 +257,17 @@ impl Partition {
         let run_id = event.run_id().to_owned();
         if !self.runs.contains_key(&run_id) {
             match &event {
-                RunEvent::Requested(r) => match self.workflows.get(&r.workflow.name, r.workflow.version).await {
+                RunEvent::Requested(r) => match self
+                    .workflows
+                    .get(&r.workflow.name, r.workflow.version)
+                    .await
+                {
                     Ok(wf) => {
-                        let tp = if traceparent.is_empty() { event::new_traceparent() } else { traceparent };
+                        let tp = if traceparent.is_empty() {
+                            event::new_traceparent()
+                        } else {
+                            traceparent
+                        };
                         self.runs.insert(run_id.clone(), (Run::new(r, &wf, tp), wf));
                     }
                     Err(reason) => return self.reject(message, &reason).await,
@@ -237,7 +276,9 @@ impl Partition {
                 _ => {
                     if let Err(error) = self.load_run(&run_id).await {
                         tracing::warn!(run = %run_id, %error, "cannot load run from the journal; retrying later");
-                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
                         return;
                     }
                 }
@@ -267,7 +308,9 @@ impl Partition {
                 Err(error) => {
                     tracing::warn!(run = %run_id, %error, "cannot store commands; rebuilding the run");
                     let _ = evict.send(run_id);
-                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_millis(500)))).await;
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await;
                 }
             }
         });
@@ -279,25 +322,43 @@ impl Partition {
         for e in events {
             self.fold(e).await;
         }
-        if self.runs.get(run_id).is_some_and(|(r, _)| r.status.is_terminal()) {
+        if self
+            .runs
+            .get(run_id)
+            .is_some_and(|(r, _)| r.status.is_terminal())
+        {
             self.runs.remove(run_id);
         }
         Ok(())
     }
 
-    async fn start_publishes(&self, commands: &[RunEvent], traceparent: &str) -> Vec<PublishResult> {
+    async fn start_publishes(
+        &self,
+        commands: &[RunEvent],
+        traceparent: &str,
+    ) -> Vec<PublishResult> {
         let mut acks = Vec::with_capacity(commands.len());
         for command in commands {
             let ce = command.to_cloudevent(SOURCE, traceparent);
             let (headers, body) = binding::encode(&ce);
             let subject = command.subject(self.bus.partitions, "");
-            acks.push(self.bus.js.publish_with_headers(subject, headers, body).await.map_err(|e| e.to_string()));
+            acks.push(
+                self.bus
+                    .js
+                    .publish_with_headers(subject, headers, body)
+                    .await
+                    .map_err(|e| e.to_string()),
+            );
         }
         acks
     }
 
     async fn publish_all(&self, run_id: &str, commands: &[RunEvent]) -> Result<(), String> {
-        let tp = self.runs.get(run_id).map(|(r, _)| r.traceparent.clone()).unwrap_or_default();
+        let tp = self
+            .runs
+            .get(run_id)
+            .map(|(r, _)| r.traceparent.clone())
+            .unwrap_or_default();
         await_all(self.start_publishes(commands, &tp).await).await
     }
 
@@ -317,7 +378,9 @@ impl Partition {
             }
             Err(error) => {
                 tracing::error!(%error, "cannot write a dead letter; the event will be redelivered");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
         }
     }
@@ -342,8 +405,14 @@ pub struct Journaled {
 
 /// Reads every run event on `filter` from the journal, oldest first, with its stream sequence.
 /// Events that are not valid run events are skipped (they were dead-lettered when first seen).
-pub async fn read_journal(js: &jetstream::Context, filter: String) -> Result<Vec<Journaled>, Error> {
-    let stream = js.get_stream(baton_core::streams::RUNS).await.map_err(jserr)?;
+pub async fn read_journal(
+    js: &jetstream::Context,
+    filter: String,
+) -> Result<Vec<Journaled>, Error> {
+    let stream = js
+        .get_stream(baton_core::streams::RUNS)
+        .await
+        .map_err(jserr)?;
     let mut consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: filter,
@@ -364,7 +433,11 @@ pub async fn read_journal(js: &jetstream::Context, filter: String) -> Result<Vec
         if let Ok(ce) = binding::decode(message.headers.as_ref(), &message.payload)
             && let Ok(event) = RunEvent::from_cloudevent(&ce)
         {
-            out.push(Journaled { seq, traceparent: event::traceparent(&ce).unwrap_or_default(), event });
+            out.push(Journaled {
+                seq,
+                traceparent: event::traceparent(&ce).unwrap_or_default(),
+                event,
+            });
         }
         if pending == 0 {
             break;

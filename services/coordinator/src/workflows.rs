@@ -6,15 +6,21 @@ use std::sync::{Arc, Mutex};
 use baton_core::registry::Registry;
 use baton_workflow::Workflow;
 
+/// (name, version) -> compiled workflow.
+type Cache = HashMap<(String, u64), Arc<Workflow>>;
+
 #[derive(Clone)]
 pub struct Workflows {
     registry: Registry,
-    cache: Arc<Mutex<HashMap<(String, u64), Arc<Workflow>>>>,
+    cache: Arc<Mutex<Cache>>,
 }
 
 impl Workflows {
     pub fn new(registry: Registry) -> Workflows {
-        Workflows { registry, cache: Arc::default() }
+        Workflows {
+            registry,
+            cache: Arc::default(),
+        }
     }
 
     /// The compiled version, or an error that says why it cannot be had.
@@ -33,7 +39,10 @@ impl Workflows {
             baton_workflow::compile(&source)
                 .map_err(|p| format!("workflow {name} version {version} does not compile: {p}"))?,
         );
-        self.cache.lock().expect("cache lock").insert(key, wf.clone());
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(key, wf.clone());
         Ok(wf)
     }
 }

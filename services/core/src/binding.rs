@@ -20,7 +20,9 @@ use cloudevents::{AttributesReader, Data, Event};
 pub enum Error {
     #[error("header {header} is not valid: {reason}")]
     Header { header: String, reason: String },
-    #[error("the message is not a CloudEvent: no ce-specversion header and the body is not a JSON event ({0})")]
+    #[error(
+        "the message is not a CloudEvent: no ce-specversion header and the body is not a JSON event ({0})"
+    )]
     Structured(String),
     #[error("invalid CloudEvent: {0}")]
     Event(String),
@@ -40,7 +42,10 @@ const SPECVERSION: &str = "ce-specversion";
 pub fn encode(event: &Event) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     for (name, value) in event.iter() {
-        headers.insert(format!("{PREFIX}{name}").as_str(), percent_encode(&value.to_string()).as_str());
+        headers.insert(
+            format!("{PREFIX}{name}").as_str(),
+            percent_encode(&value.to_string()).as_str(),
+        );
     }
     headers.insert("Nats-Msg-Id", event.id());
     let body = match event.data() {
@@ -68,10 +73,16 @@ struct Message<'a> {
 
 impl Message<'_> {
     fn ce_headers(&self) -> impl Iterator<Item = (String, &async_nats::HeaderValue)> {
-        self.headers.into_iter().flat_map(|h| h.iter()).filter_map(|(name, values)| {
-            let lower = AsRef::<str>::as_ref(name).to_ascii_lowercase();
-            lower.starts_with(PREFIX).then(|| values.first().map(|v| (lower, v))).flatten()
-        })
+        self.headers
+            .into_iter()
+            .flat_map(|h| h.iter())
+            .filter_map(|(name, values)| {
+                let lower = AsRef::<str>::as_ref(name).to_ascii_lowercase();
+                lower
+                    .starts_with(PREFIX)
+                    .then(|| values.first().map(|v| (lower, v)))
+                    .flatten()
+            })
     }
 }
 
@@ -84,7 +95,9 @@ impl BinaryDeserializer for Message<'_> {
         let mut rest = Vec::new();
         for (name, value) in self.ce_headers() {
             let decoded = percent_decode(value.as_str()).map_err(|reason| {
-                cloudevents::message::Error::Other { source: format!("header {name}: {reason}").into() }
+                cloudevents::message::Error::Other {
+                    source: format!("header {name}: {reason}").into(),
+                }
             })?;
             if name == SPECVERSION {
                 spec = Some(decoded);
@@ -103,7 +116,11 @@ impl BinaryDeserializer for Message<'_> {
                 visitor.set_extension(&name, value)?
             };
         }
-        if self.payload.is_empty() { visitor.end() } else { visitor.end_with_data(self.payload.to_vec()) }
+        if self.payload.is_empty() {
+            visitor.end()
+        } else {
+            visitor.end_with_data(self.payload.to_vec())
+        }
     }
 }
 
@@ -148,7 +165,11 @@ pub fn percent_decode(value: &str) -> Result<String, String> {
         let mut s = String::with_capacity(value.len());
         let mut chars = value[1..value.len() - 1].chars();
         while let Some(c) = chars.next() {
-            s.push(if c == '\\' { chars.next().ok_or("quoted string ends with a backslash")? } else { c });
+            s.push(if c == '\\' {
+                chars.next().ok_or("quoted string ends with a backslash")?
+            } else {
+                c
+            });
         }
         unquoted = s;
         unquoted.as_str()
@@ -160,9 +181,14 @@ pub fn percent_decode(value: &str) -> Result<String, String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or_else(|| format!("truncated escape at byte {i}"))?;
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .ok_or_else(|| format!("truncated escape at byte {i}"))?;
             let hex = std::str::from_utf8(hex).map_err(|_| format!("bad escape at byte {i}"))?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad escape %{hex} at byte {i}"))?);
+            out.push(
+                u8::from_str_radix(hex, 16)
+                    .map_err(|_| format!("bad escape %{hex} at byte {i}"))?,
+            );
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -179,11 +205,28 @@ mod tests {
 
     #[test]
     fn percent_encoding_example_of_the_binding_round_trips() {
-        assert_eq!(percent_encode("Euro € 😀"), "Euro%20%E2%82%AC%20%F0%9F%98%80");
-        assert_eq!(percent_decode("Euro%20%E2%82%AC%20%F0%9F%98%80").unwrap(), "Euro € 😀");
-        assert_eq!(percent_decode("%e2%82%ac").unwrap(), "€", "lower-case hex must be accepted");
-        assert_eq!(percent_decode("%41bc").unwrap(), "Abc", "needless encoding must be accepted");
-        assert!(percent_decode("%C0%A0").is_err(), "overlong UTF-8 must be rejected");
+        assert_eq!(
+            percent_encode("Euro € 😀"),
+            "Euro%20%E2%82%AC%20%F0%9F%98%80"
+        );
+        assert_eq!(
+            percent_decode("Euro%20%E2%82%AC%20%F0%9F%98%80").unwrap(),
+            "Euro € 😀"
+        );
+        assert_eq!(
+            percent_decode("%e2%82%ac").unwrap(),
+            "€",
+            "lower-case hex must be accepted"
+        );
+        assert_eq!(
+            percent_decode("%41bc").unwrap(),
+            "Abc",
+            "needless encoding must be accepted"
+        );
+        assert!(
+            percent_decode("%C0%A0").is_err(),
+            "overlong UTF-8 must be rejected"
+        );
         assert!(percent_decode("%4").is_err());
         assert!(percent_decode("%zz").is_err());
     }
@@ -196,20 +239,31 @@ mod tests {
             .ty("com.example.Ünïcode")
             .subject("a \"quoted\" 100% subject")
             .time("2018-04-05T03:56:24Z")
-            .extension("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .extension(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
             .data("application/json", serde_json::json!({"k": "välue"}))
             .build()
             .unwrap();
         let (headers, body) = encode(&event);
-        assert_eq!(headers.get("ce-datacontenttype").unwrap().as_str(), "application/json");
+        assert_eq!(
+            headers.get("ce-datacontenttype").unwrap().as_str(),
+            "application/json"
+        );
         assert_eq!(headers.get("Nats-Msg-Id").unwrap().as_str(), "1234");
         let back = decode(Some(&headers), &body).unwrap();
         assert_eq!(back.id(), "1234");
         assert_eq!(back.ty(), "com.example.Ünïcode");
         assert_eq!(back.subject(), Some("a \"quoted\" 100% subject"));
         assert_eq!(back.source().as_str(), "/mycontext/sub context");
-        assert_eq!(back.extension("traceparent").unwrap().to_string(), event.extension("traceparent").unwrap().to_string());
-        let Some(Data::Binary(bytes)) = back.data() else { panic!("binary data expected") };
+        assert_eq!(
+            back.extension("traceparent").unwrap().to_string(),
+            event.extension("traceparent").unwrap().to_string()
+        );
+        let Some(Data::Binary(bytes)) = back.data() else {
+            panic!("binary data expected")
+        };
         assert_eq!(bytes.as_slice(), r#"{"k":"välue"}"#.as_bytes());
     }
 

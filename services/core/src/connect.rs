@@ -17,8 +17,13 @@ pub struct Bus {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot connect to NATS at {url}: {source}. Is nats-server running there? `baton dev` starts one.")]
-    Connect { url: String, source: async_nats::ConnectError },
+    #[error(
+        "cannot connect to NATS at {url}: {source}. Is nats-server running there? `baton dev` starts one."
+    )]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
     #[error(
         "the NATS server at {url} is version {found}; Baton needs {MIN_VERSION} or newer \
          (message scheduling, per-message TTL). Upgrade it, or run `baton dev` which installs a suitable one."
@@ -38,16 +43,28 @@ pub async fn connect(url: &str, name: &str, topology: &Topology) -> Result<Bus, 
         .max_reconnects(None)
         .connect(url.split(',').map(str::trim).collect::<Vec<_>>().as_slice())
         .await
-        .map_err(|source| Error::Connect { url: url.to_owned(), source })?;
+        .map_err(|source| Error::Connect {
+            url: url.to_owned(),
+            source,
+        })?;
     let info = client.server_info();
     let found = Version::parse(&info.version);
     if found.is_none_or(|v| v < MIN_VERSION) {
-        return Err(Error::TooOld { url: url.to_owned(), found: info.version });
+        return Err(Error::TooOld {
+            url: url.to_owned(),
+            found: info.version,
+        });
     }
     if !info.jetstream {
-        return Err(Error::NoJetStream { url: url.to_owned() });
+        return Err(Error::NoJetStream {
+            url: url.to_owned(),
+        });
     }
     let js = jetstream::new(client.clone());
     let partitions = streams::ensure(&js, topology).await?;
-    Ok(Bus { client, js, partitions })
+    Ok(Bus {
+        client,
+        js,
+        partitions,
+    })
 }

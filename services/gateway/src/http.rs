@@ -29,7 +29,9 @@ async fn ready(State(bus): State<Bus>) -> (StatusCode, &'static str) {
 
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(addr: SocketAddr, bus: Bus, shutdown: CancellationToken) -> Result<(), Error> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Listen { addr, source })?;
     tracing::info!(%addr, "gateway listening");
     axum::serve(listener, router(bus))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -22,8 +22,13 @@ pub struct Options {
 /// Why the gateway stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {source}. Is another process using the port? Choose another with --http.")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "cannot listen on {addr}: {source}. Is another process using the port? Choose another with --http."
+    )]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
     #[error(transparent)]

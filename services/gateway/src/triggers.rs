@@ -43,14 +43,28 @@ pub struct Triggers {
 impl Triggers {
     pub async fn new(bus: Bus) -> Result<Triggers, Error> {
         let registry = Registry::open(&bus.js).await?;
-        Ok(Triggers { bus, registry, index: HashMap::new(), loaded: None })
+        Ok(Triggers {
+            bus,
+            registry,
+            index: HashMap::new(),
+            loaded: None,
+        })
     }
 
     async fn reload(&mut self) -> Result<(), Error> {
         let mut index: HashMap<String, Vec<(String, u64)>> = HashMap::new();
-        for head in self.registry.heads().await?.into_iter().filter(|h| h.enabled) {
+        for head in self
+            .registry
+            .heads()
+            .await?
+            .into_iter()
+            .filter(|h| h.enabled)
+        {
             for ty in &head.triggers {
-                index.entry(ty.clone()).or_default().push((head.name.clone(), head.version));
+                index
+                    .entry(ty.clone())
+                    .or_default()
+                    .push((head.name.clone(), head.version));
             }
         }
         self.index = index;
@@ -63,7 +77,12 @@ impl Triggers {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
-        let stream = self.bus.js.get_stream(streams::EVENTS).await.map_err(jserr)?;
+        let stream = self
+            .bus
+            .js
+            .get_stream(streams::EVENTS)
+            .await
+            .map_err(jserr)?;
         let consumer: consumer::PullConsumer = stream
             .create_consumer(consumer::pull::Config {
                 durable_name: Some("triggers".into()),
@@ -94,20 +113,40 @@ impl Triggers {
         let event = match binding::decode(message.headers.as_ref(), &message.payload) {
             Ok(e) => e,
             Err(e) => {
-                let stored = dlq::publish(&self.bus.js, "ingress", &message.subject, message.headers.as_ref(), message.payload.clone(), &e.to_string()).await;
-                let _ = message.ack_with(if stored.is_ok() { AckKind::Term } else { AckKind::Nak(None) }).await;
+                let stored = dlq::publish(
+                    &self.bus.js,
+                    "ingress",
+                    &message.subject,
+                    message.headers.as_ref(),
+                    message.payload.clone(),
+                    &e.to_string(),
+                )
+                .await;
+                let _ = message
+                    .ack_with(if stored.is_ok() {
+                        AckKind::Term
+                    } else {
+                        AckKind::Nak(None)
+                    })
+                    .await;
                 return;
             }
         };
-        if self.stale(RELOAD_EVERY) || (!self.index.contains_key(event.ty()) && self.stale(RELOAD_ON_MISS)) {
-            if let Err(error) = self.reload().await {
-                tracing::warn!(%error, "cannot load workflows; the event will be redelivered");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                return;
-            }
+        let reload = self.stale(RELOAD_EVERY)
+            || (!self.index.contains_key(event.ty()) && self.stale(RELOAD_ON_MISS));
+        if reload && let Err(error) = self.reload().await {
+            tracing::warn!(%error, "cannot load workflows; the event will be redelivered");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
         }
         let Some(matches) = self.index.get(event.ty()) else {
-            tracing::debug!(ty = event.ty(), id = event.id(), "no workflow is triggered by this event");
+            tracing::debug!(
+                ty = event.ty(),
+                id = event.id(),
+                "no workflow is triggered by this event"
+            );
             let _ = message.ack().await;
             return;
         };
@@ -116,7 +155,7 @@ impl Triggers {
             source: event.source().to_string(),
             ty: event.ty().to_owned(),
             subject: event.subject().map(str::to_owned),
-            data: event::event_data(&event).unwrap_or_else(|_| serde_json::Value::Null),
+            data: event::data_value(&event),
         };
         // The run continues the event's trace.
         let traceparent = event::traceparent(&event).unwrap_or_else(event::new_traceparent);
@@ -124,13 +163,21 @@ impl Triggers {
         for (name, version) in matches {
             let request = RunEvent::Requested(RunRequested {
                 run_id: event::triggered_run_id(name, &trigger.source, &trigger.id),
-                workflow: WorkflowRef { name: name.clone(), version: *version },
+                workflow: WorkflowRef {
+                    name: name.clone(),
+                    version: *version,
+                },
                 input: serde_json::Value::Null,
                 trigger: Some(trigger.clone()),
             });
             tracing::info!(workflow = %name, version, run = request.run_id(), event = %trigger.id, "event starts a run");
             let (headers, body) = binding::encode(&request.to_cloudevent(SOURCE, &traceparent));
-            acks.push(self.bus.js.publish_with_headers(request.subject(self.bus.partitions, ""), headers, body).await);
+            acks.push(
+                self.bus
+                    .js
+                    .publish_with_headers(request.subject(self.bus.partitions, ""), headers, body)
+                    .await,
+            );
         }
         let mut stored = true;
         for ack in acks {
@@ -139,6 +186,12 @@ impl Triggers {
                 Err(_) => false,
             };
         }
-        let _ = if stored { message.ack().await } else { message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await };
+        let _ = if stored {
+            message.ack().await
+        } else {
+            message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await
+        };
     }
 }

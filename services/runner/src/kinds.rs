@@ -27,8 +27,14 @@ pub fn echo() -> Handler {
                 }
             }
             if let Some(message) = input.get("fail").and_then(Value::as_str) {
-                let retryable = input.get("retryable").and_then(Value::as_bool).unwrap_or(false);
-                return Err(StepError { message: message.to_owned(), retryable });
+                let retryable = input
+                    .get("retryable")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                return Err(StepError {
+                    message: message.to_owned(),
+                    retryable,
+                });
             }
             Ok(input)
         })

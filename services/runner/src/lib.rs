@@ -36,7 +36,8 @@ pub struct StepContext {
 }
 
 /// A step kind's implementation: input (the step's evaluated `with`) to outputs.
-pub type Handler = Arc<dyn Fn(Value, StepContext) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync>;
+pub type Handler =
+    Arc<dyn Fn(Value, StepContext) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync>;
 
 /// Runner settings.
 #[derive(Debug, Clone)]
@@ -86,13 +87,22 @@ pub struct Runner {
 impl Runner {
     /// A runner for the given kinds and their handlers (see [`kinds::builtin`]).
     pub fn new(bus: Bus, options: Options, handlers: HashMap<String, Handler>) -> Runner {
-        Runner { bus, options, handlers }
+        Runner {
+            bus,
+            options,
+            handlers,
+        }
     }
 
     /// Runs until `shutdown` is cancelled. Steps in progress at that moment are abandoned without an
     /// ack, so JetStream hands them to another runner.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let stream = self.bus.js.get_stream(baton_core::streams::RUNS).await.map_err(jserr)?;
+        let stream = self
+            .bus
+            .js
+            .get_stream(baton_core::streams::RUNS)
+            .await
+            .map_err(jserr)?;
         let permits = Arc::new(Semaphore::new(self.options.concurrency));
         let mut tasks = Vec::new();
         for (kind, handler) in self.handlers {
@@ -137,7 +147,11 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, consumer: consumer::PullConsumer, shutdown: CancellationToken) -> Result<(), Error> {
+    async fn run(
+        self,
+        consumer: consumer::PullConsumer,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
         let mut messages = consumer.messages().await.map_err(jserr)?;
         loop {
             let permit = tokio::select! {
@@ -168,15 +182,31 @@ impl Worker {
         let decoded = binding::decode(message.headers.as_ref(), &message.payload)
             .map_err(|e| e.to_string())
             .and_then(|ce| match RunEvent::from_cloudevent(&ce) {
-                Ok(RunEvent::StepRequested(r)) => Ok((r, event::traceparent(&ce).unwrap_or_default())),
+                Ok(RunEvent::StepRequested(r)) => {
+                    Ok((r, event::traceparent(&ce).unwrap_or_default()))
+                }
                 Ok(other) => Err(format!("expected a step request, got {}", other.ty())),
                 Err(e) => Err(e.to_string()),
             });
         let (request, traceparent) = match decoded {
             Ok(d) => d,
             Err(reason) => {
-                let stored = dlq::publish(&self.bus.js, "runner", &message.subject, message.headers.as_ref(), message.payload.clone(), &reason).await;
-                let _ = message.ack_with(if stored.is_ok() { AckKind::Term } else { AckKind::Nak(None) }).await;
+                let stored = dlq::publish(
+                    &self.bus.js,
+                    "runner",
+                    &message.subject,
+                    message.headers.as_ref(),
+                    message.payload.clone(),
+                    &reason,
+                )
+                .await;
+                let _ = message
+                    .ack_with(if stored.is_ok() {
+                        AckKind::Term
+                    } else {
+                        AckKind::Nak(None)
+                    })
+                    .await;
                 return;
             }
         };
@@ -184,14 +214,17 @@ impl Worker {
         let started = Instant::now();
         let outcome = if delivered > self.options.max_deliveries {
             Err(StepError {
-                message: format!("the request was delivered {delivered} times without an outcome; runners kept dying or failing"),
+                message: format!(
+                    "the request was delivered {delivered} times without an outcome; runners kept dying or failing"
+                ),
                 retryable: false,
             })
         } else {
             if delivered > 1 {
                 tracing::info!(run = %request.run_id, step = %request.step, delivered, "redelivered request: executing the attempt again with the same idempotency key");
             }
-            self.run_handler(&request, delivered, cancel.clone(), &message).await
+            self.run_handler(&request, delivered, cancel.clone(), &message)
+                .await
         };
         if cancel.is_cancelled() && outcome.is_err() {
             // Shutting down: leave the request un-acked for another runner.
@@ -217,7 +250,12 @@ impl Worker {
         };
         let (headers, body) = binding::encode(&event.to_cloudevent(SOURCE, &traceparent));
         let subject = event.subject(self.bus.partitions, &self.kind);
-        let stored = match self.bus.js.publish_with_headers(subject, headers, body).await {
+        let stored = match self
+            .bus
+            .js
+            .publish_with_headers(subject, headers, body)
+            .await
+        {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
@@ -227,7 +265,9 @@ impl Worker {
             }
             Err(error) => {
                 tracing::warn!(run = %request.run_id, step = %request.step, %error, "cannot store the outcome; the request will be redelivered");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
         }
     }
@@ -249,7 +289,10 @@ impl Worker {
             cancel: cancel.clone(),
         };
         let work = (self.handler)(request.input.clone(), ctx);
-        let timeout = request.timeout_ms.map(Duration::from_millis).unwrap_or(Duration::MAX);
+        let timeout = request
+            .timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::MAX);
         let mut progress = tokio::time::interval(self.options.ack_wait / 3);
         progress.tick().await;
         tokio::pin!(work);

@@ -48,8 +48,12 @@ pub struct EvalError {
 impl Expr {
     /// Compiles `source` with jq's standard library.
     pub fn compile(source: &str) -> Result<Expr, CompileError> {
-        let defs = jaq_core::defs().chain(jaq_std::defs()).chain(jaq_json::defs());
-        let funs = jaq_core::funs().chain(jaq_std::funs()).chain(jaq_json::funs());
+        let defs = jaq_core::defs()
+            .chain(jaq_std::defs())
+            .chain(jaq_json::defs());
+        let funs = jaq_core::funs()
+            .chain(jaq_std::funs())
+            .chain(jaq_json::funs());
         let loader = Loader::new(defs);
         let arena = Arena::default();
         let fail = |part: &str, message: String| CompileError {
@@ -57,27 +61,53 @@ impl Expr {
             message,
             offset: jaq_core::load::span(source, part).start.min(source.len()),
         };
-        let modules = loader.load(&arena, File { code: source, path: () }).map_err(|errors| {
-            let (_, error) = errors.into_iter().next().expect("a failed load has an error");
-            match error {
-                jaq_core::load::Error::Lex(errs) => {
-                    let (expect, at) = &errs[0];
-                    fail(at, format!("expected {}", expect.as_str()))
+        let modules = loader
+            .load(
+                &arena,
+                File {
+                    code: source,
+                    path: (),
+                },
+            )
+            .map_err(|errors| {
+                let (_, error) = errors
+                    .into_iter()
+                    .next()
+                    .expect("a failed load has an error");
+                match error {
+                    jaq_core::load::Error::Lex(errs) => {
+                        let (expect, at) = &errs[0];
+                        fail(at, format!("expected {}", expect.as_str()))
+                    }
+                    jaq_core::load::Error::Parse(errs) => {
+                        let (expect, at) = &errs[0];
+                        let found = if at.is_empty() {
+                            "end of expression"
+                        } else {
+                            at
+                        };
+                        fail(at, format!("expected {}, found `{found}`", expect.as_str()))
+                    }
+                    jaq_core::load::Error::Io(errs) => {
+                        fail("", format!("cannot load module: {}", errs[0].1))
+                    }
                 }
-                jaq_core::load::Error::Parse(errs) => {
-                    let (expect, at) = &errs[0];
-                    let found = if at.is_empty() { "end of expression" } else { at };
-                    fail(at, format!("expected {}, found `{found}`", expect.as_str()))
-                }
-                jaq_core::load::Error::Io(errs) => fail("", format!("cannot load module: {}", errs[0].1)),
-            }
-        })?;
-        let filter = Compiler::default().with_funs(funs).compile(modules).map_err(|errors| {
-            let (_, errs) = errors.into_iter().next().expect("a failed compile has an error");
-            let (name, undefined) = &errs[0];
-            fail(name, format!("undefined {} `{name}`", undefined.as_str()))
-        })?;
-        Ok(Expr { source: source.into(), filter: Arc::new(filter) })
+            })?;
+        let filter = Compiler::default()
+            .with_funs(funs)
+            .compile(modules)
+            .map_err(|errors| {
+                let (_, errs) = errors
+                    .into_iter()
+                    .next()
+                    .expect("a failed compile has an error");
+                let (name, undefined) = &errs[0];
+                fail(name, format!("undefined {} `{name}`", undefined.as_str()))
+            })?;
+        Ok(Expr {
+            source: source.into(),
+            filter: Arc::new(filter),
+        })
     }
 
     pub fn source(&self) -> &str {
@@ -86,9 +116,16 @@ impl Expr {
 
     /// Evaluates the expression on `input` and returns its first output.
     pub fn eval(&self, input: &Val) -> Result<Value, EvalError> {
-        let fail = |message: String| EvalError { expr: self.source.to_string(), message };
+        let fail = |message: String| EvalError {
+            expr: self.source.to_string(),
+            message,
+        };
         let ctx = Ctx::<data::JustLut<Val>>::new(&self.filter.lut, Vars::new([]));
-        let mut outputs = self.filter.id.run((ctx, input.clone())).map(jaq_core::unwrap_valr);
+        let mut outputs = self
+            .filter
+            .id
+            .run((ctx, input.clone()))
+            .map(jaq_core::unwrap_valr);
         match outputs.next() {
             None => Err(fail("it produced no value".to_owned())),
             Some(Err(e)) => Err(fail(e.to_string())),
@@ -98,7 +135,10 @@ impl Expr {
 
     /// Evaluates the expression as a condition: jq truthiness (everything but `false` and `null`).
     pub fn truthy(&self, input: &Val) -> Result<bool, EvalError> {
-        Ok(!matches!(self.eval(input)?, Value::Null | Value::Bool(false)))
+        Ok(!matches!(
+            self.eval(input)?,
+            Value::Null | Value::Bool(false)
+        ))
     }
 }
 
@@ -132,14 +172,24 @@ pub enum Piece {
 
 impl Template {
     /// Parses every string of `value`. Problems are reported with the JSON path of the string.
-    pub fn parse(value: &Value, path: &str, problems: &mut Vec<(String, CompileError)>) -> Template {
+    pub fn parse(
+        value: &Value,
+        path: &str,
+        problems: &mut Vec<(String, CompileError)>,
+    ) -> Template {
         let t = match value {
             Value::String(s) => Self::parse_str(s, path, problems),
             Value::Array(items) => Template::Array(
-                items.iter().enumerate().map(|(i, v)| Self::parse(v, &format!("{path}[{i}]"), problems)).collect(),
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| Self::parse(v, &format!("{path}[{i}]"), problems))
+                    .collect(),
             ),
             Value::Object(map) => Template::Object(
-                map.iter().map(|(k, v)| (k.clone(), Self::parse(v, &format!("{path}.{k}"), problems))).collect(),
+                map.iter()
+                    .map(|(k, v)| (k.clone(), Self::parse(v, &format!("{path}.{k}"), problems)))
+                    .collect(),
             ),
             other => Template::Literal(other.clone()),
         };
@@ -157,7 +207,11 @@ impl Template {
             let Some(end) = expression_end(body) else {
                 problems.push((
                     path.to_owned(),
-                    CompileError { expr: body.to_owned(), message: "`${{` without a closing `}}`".into(), offset: 0 },
+                    CompileError {
+                        expr: body.to_owned(),
+                        message: "`${{` without a closing `}}`".into(),
+                        offset: 0,
+                    },
                 ));
                 return Template::Literal(Value::String(s.to_owned()));
             };
@@ -190,7 +244,11 @@ impl Template {
                 None => Template::Array(items),
             },
             Template::Object(fields) => {
-                match fields.iter().map(|(k, t)| literal(t).map(|v| (k.clone(), v))).collect::<Option<_>>() {
+                match fields
+                    .iter()
+                    .map(|(k, t)| literal(t).map(|v| (k.clone(), v)))
+                    .collect::<Option<_>>()
+                {
                     Some(map) => Template::Literal(Value::Object(map)),
                     None => Template::Object(fields),
                 }
@@ -234,11 +292,17 @@ impl Template {
                 }
                 Value::String(out)
             }
-            Template::Array(items) => {
-                Value::Array(items.iter().map(|t| t.eval(context)).collect::<Result<_, _>>()?)
-            }
+            Template::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|t| t.eval(context))
+                    .collect::<Result<_, _>>()?,
+            ),
             Template::Object(fields) => Value::Object(
-                fields.iter().map(|(k, t)| Ok((k.clone(), t.eval(context)?))).collect::<Result<_, _>>()?,
+                fields
+                    .iter()
+                    .map(|(k, t)| Ok((k.clone(), t.eval(context)?)))
+                    .collect::<Result<_, _>>()?,
             ),
         })
     }
@@ -276,7 +340,9 @@ mod tests {
 
     #[test]
     fn templates_evaluate_values_and_interpolate_text() {
-        let ctx = to_val(&json!({"inputs": {"name": "world", "n": 2}, "steps": {"a": {"outputs": {"x": [1, 2]}}}}));
+        let ctx = to_val(
+            &json!({"inputs": {"name": "world", "n": 2}, "steps": {"a": {"outputs": {"x": [1, 2]}}}}),
+        );
         let t = template(json!({
             "greeting": "Hello, ${{ .inputs.name }}! n=${{ .inputs.n }}",
             "list": "${{ .steps.a.outputs.x | map(. * 10) }}",
@@ -287,7 +353,10 @@ mod tests {
             t.eval(&ctx).unwrap(),
             json!({"greeting": "Hello, world! n=2", "list": [10, 20], "obj": {"a": {"b": 2}}, "plain": ["x", 1, true]})
         );
-        assert!(matches!(template(json!({"a": [1, "b"]})), Template::Literal(_)));
+        assert!(matches!(
+            template(json!({"a": [1, "b"]})),
+            Template::Literal(_)
+        ));
     }
 
     #[test]
@@ -296,7 +365,10 @@ mod tests {
         assert_eq!(err.offset, 5, "{err}");
         assert!(err.to_string().contains("nosuchfn"), "{err}");
         let err = Expr::compile(".a | (").unwrap_err();
-        assert!(err.to_string().starts_with("jq expression `.a | (`"), "{err}");
+        assert!(
+            err.to_string().starts_with("jq expression `.a | (`"),
+            "{err}"
+        );
         let mut problems = Vec::new();
         Template::parse(&json!("${{ .a "), "with.x", &mut problems);
         assert_eq!(problems[0].0, "with.x");
@@ -305,7 +377,10 @@ mod tests {
     #[test]
     fn evaluation_errors_and_truthiness() {
         let ctx = to_val(&json!({"n": 1}));
-        let err = Expr::compile(".n | error(\"boom\")").unwrap().eval(&ctx).unwrap_err();
+        let err = Expr::compile(".n | error(\"boom\")")
+            .unwrap()
+            .eval(&ctx)
+            .unwrap_err();
         assert!(err.message.contains("boom"), "{err}");
         assert!(Expr::compile("empty").unwrap().eval(&ctx).is_err());
         assert!(Expr::compile(".n == 1").unwrap().truthy(&ctx).unwrap());

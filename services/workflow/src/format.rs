@@ -39,7 +39,10 @@ pub(crate) struct InputSpec {
     #[serde(default = "yes")]
     pub required: bool,
     #[serde(default)]
-    #[allow(dead_code, reason = "documentation only, shown by `baton workflows show`")]
+    #[allow(
+        dead_code,
+        reason = "documentation only, shown by `baton workflows show`"
+    )]
     pub description: String,
 }
 

@@ -106,7 +106,11 @@ impl fmt::Display for Problems {
 /// Parses and compiles a workflow from YAML (JSON is YAML too). Reports every problem at once.
 pub fn compile(source: &str) -> Result<Workflow, Problems> {
     let file: File = serde_saphyr::from_str(source).map_err(|e| {
-        Problems(vec![Problem { at: "file".into(), message: e.to_string(), hint: None }])
+        Problems(vec![Problem {
+            at: "file".into(),
+            message: e.to_string(),
+            hint: None,
+        }])
     })?;
     Compiler::default().compile(file)
 }
@@ -118,7 +122,11 @@ struct Compiler {
 
 impl Compiler {
     fn problem(&mut self, at: impl Into<String>, message: impl Into<String>, hint: Option<&str>) {
-        self.problems.push(Problem { at: at.into(), message: message.into(), hint: hint.map(str::to_owned) });
+        self.problems.push(Problem {
+            at: at.into(),
+            message: message.into(),
+            hint: hint.map(str::to_owned),
+        });
     }
 
     fn template(&mut self, value: &Value, at: &str) -> Template {
@@ -137,22 +145,39 @@ impl Compiler {
 
     fn compile(mut self, file: File) -> Result<Workflow, Problems> {
         if !is_name(&file.name) {
-            self.problem("name", format!("`{}` is not a valid workflow name", file.name), Some(NAME_HINT));
+            self.problem(
+                "name",
+                format!("`{}` is not a valid workflow name", file.name),
+                Some(NAME_HINT),
+            );
         }
         let triggers = file.on.into_iter().map(|t| Trigger { ty: t.ty }).collect();
         let inputs = file
             .inputs
             .into_iter()
-            .map(|(name, spec)| Input { required: spec.default.is_none() && spec.required, name, ty: spec.ty, default: spec.default })
+            .map(|(name, spec)| Input {
+                required: spec.default.is_none() && spec.required,
+                name,
+                ty: spec.ty,
+                default: spec.default,
+            })
             .collect();
 
         let mut index = HashMap::new();
         for (i, step) in file.steps.iter().enumerate() {
             if !is_name(&step.id) {
-                self.problem(format!("steps[{i}].id"), format!("`{}` is not a valid step id", step.id), Some(NAME_HINT));
+                self.problem(
+                    format!("steps[{i}].id"),
+                    format!("`{}` is not a valid step id", step.id),
+                    Some(NAME_HINT),
+                );
             }
             if index.insert(step.id.as_str(), i).is_some() {
-                self.problem(format!("steps[{i}].id"), format!("step id `{}` is used twice", step.id), Some("give every step its own id"));
+                self.problem(
+                    format!("steps[{i}].id"),
+                    format!("step id `{}` is used twice", step.id),
+                    Some("give every step its own id"),
+                );
             }
         }
         if file.steps.is_empty() {
@@ -162,7 +187,11 @@ impl Compiler {
         let mut steps = Vec::with_capacity(file.steps.len());
         for (i, spec) in file.steps.iter().enumerate() {
             if !baton_core_token(&spec.uses) {
-                self.problem(format!("steps[{i}].uses"), format!("`{}` is not a valid step kind", spec.uses), Some(NAME_HINT));
+                self.problem(
+                    format!("steps[{i}].uses"),
+                    format!("`{}` is not a valid step kind", spec.uses),
+                    Some(NAME_HINT),
+                );
             }
             let needs = match &spec.needs {
                 // Without `needs`, a step runs after the one above it.
@@ -173,31 +202,61 @@ impl Compiler {
                     .filter_map(|(j, name)| {
                         let found = index.get(name.as_str()).copied();
                         if found.is_none() {
-                            self.problem(format!("steps[{i}].needs[{j}]"), format!("no step has the id `{name}`"), None);
+                            self.problem(
+                                format!("steps[{i}].needs[{j}]"),
+                                format!("no step has the id `{name}`"),
+                                None,
+                            );
                         }
                         found
                     })
                     .collect(),
             };
             let with = self.template(&spec.with, &format!("steps[{i}].with"));
-            let condition = spec.condition.as_deref().and_then(|c| match Expr::compile(strip_braces(c)) {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    self.problem(format!("steps[{i}].if"), e.to_string(), None);
-                    None
-                }
+            let condition =
+                spec.condition
+                    .as_deref()
+                    .and_then(|c| match Expr::compile(strip_braces(c)) {
+                        Ok(e) => Some(e),
+                        Err(e) => {
+                            self.problem(format!("steps[{i}].if"), e.to_string(), None);
+                            None
+                        }
+                    });
+            steps.push(Step {
+                id: spec.id.clone(),
+                kind: spec.uses.clone(),
+                with,
+                needs,
+                condition,
             });
-            steps.push(Step { id: spec.id.clone(), kind: spec.uses.clone(), with, needs, condition });
         }
         if let Some(cycle) = find_cycle(&steps) {
             let names: Vec<_> = cycle.iter().map(|&i| steps[i].id.as_str()).collect();
-            self.problem("steps", format!("the steps depend on each other in a cycle: {}", names.join(" -> ")), Some("remove one of these `needs`"));
+            self.problem(
+                "steps",
+                format!(
+                    "the steps depend on each other in a cycle: {}",
+                    names.join(" -> ")
+                ),
+                Some("remove one of these `needs`"),
+            );
         }
-        let outputs = self.template(&Value::Object(file.outputs.into_iter().collect()), "outputs");
+        let outputs = self.template(
+            &Value::Object(file.outputs.into_iter().collect()),
+            "outputs",
+        );
         if !self.problems.is_empty() {
             return Err(Problems(self.problems));
         }
-        Ok(Workflow { name: file.name, description: file.description, triggers, inputs, steps, outputs })
+        Ok(Workflow {
+            name: file.name,
+            description: file.description,
+            triggers,
+            inputs,
+            steps,
+            outputs,
+        })
     }
 }
 
@@ -209,7 +268,9 @@ fn is_name(s: &str) -> bool {
 
 // Mirrors `baton_core::subjects::is_token`: names become NATS subject tokens and KV keys.
 fn baton_core_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Whether `expr` has a path like `.steps.deploy-canary`, which jq parses as a subtraction.
@@ -217,7 +278,9 @@ fn has_dashed_key(expr: &str) -> bool {
     let b = expr.as_bytes();
     (1..b.len().saturating_sub(1)).any(|i| {
         b[i] == b'-' && b[i + 1].is_ascii_alphabetic() && b[i - 1].is_ascii_alphanumeric() && {
-            let word_start = expr[..i].rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(0);
+            let word_start = expr[..i]
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(0);
             b.get(word_start) == Some(&b'.')
         }
     })
@@ -226,13 +289,20 @@ fn has_dashed_key(expr: &str) -> bool {
 /// `if:` may be written with or without `${{ }}`.
 fn strip_braces(s: &str) -> &str {
     let t = s.trim();
-    t.strip_prefix("${{").and_then(|t| t.strip_suffix("}}")).map_or(t, str::trim)
+    t.strip_prefix("${{")
+        .and_then(|t| t.strip_suffix("}}"))
+        .map_or(t, str::trim)
 }
 
 /// A dependency cycle, as the list of steps around it, if there is one.
 fn find_cycle(steps: &[Step]) -> Option<Vec<usize>> {
     // 0 = unvisited, 1 = on the current path, 2 = done.
-    fn visit(i: usize, steps: &[Step], state: &mut [u8], path: &mut Vec<usize>) -> Option<Vec<usize>> {
+    fn visit(
+        i: usize,
+        steps: &[Step],
+        state: &mut [u8],
+        path: &mut Vec<usize>,
+    ) -> Option<Vec<usize>> {
         state[i] = 1;
         path.push(i);
         for &n in &steps[i].needs {
@@ -253,7 +323,13 @@ fn find_cycle(steps: &[Step]) -> Option<Vec<usize>> {
         None
     }
     let mut state = vec![0u8; steps.len()];
-    (0..steps.len()).find_map(|i| if state[i] == 0 { visit(i, steps, &mut state, &mut Vec::new()) } else { None })
+    (0..steps.len()).find_map(|i| {
+        if state[i] == 0 {
+            visit(i, steps, &mut state, &mut Vec::new())
+        } else {
+            None
+        }
+    })
 }
 
 impl Workflow {
@@ -267,7 +343,10 @@ impl Workflow {
         for key in given.keys() {
             if !self.inputs.iter().any(|i| &i.name == key) {
                 let known: Vec<_> = self.inputs.iter().map(|i| i.name.as_str()).collect();
-                return Err(format!("unknown input `{key}`; this workflow takes: {}", known.join(", ")));
+                return Err(format!(
+                    "unknown input `{key}`; this workflow takes: {}",
+                    known.join(", ")
+                ));
             }
         }
         let mut out = serde_json::Map::new();
@@ -276,8 +355,15 @@ impl Workflow {
                 Some(v) if input.ty.accepts(v) => {
                     out.insert(input.name.clone(), v.clone());
                 }
-                Some(v) => return Err(format!("input `{}` must be a {}, got {v}", input.name, input.ty)),
-                None if input.required => return Err(format!("input `{}` is required", input.name)),
+                Some(v) => {
+                    return Err(format!(
+                        "input `{}` must be a {}, got {v}",
+                        input.name, input.ty
+                    ));
+                }
+                None if input.required => {
+                    return Err(format!("input `{}` is required", input.name));
+                }
                 None => {}
             }
         }

@@ -26,13 +26,37 @@ outputs:
 fn compiles_a_workflow_into_a_graph() {
     let wf = compile(HELLO).unwrap();
     assert_eq!(wf.name, "hello");
-    assert_eq!(wf.triggers, vec![Trigger { ty: "com.example.greeting".into() }]);
-    let needs: Vec<_> = wf.steps.iter().map(|s| (s.id.as_str(), s.needs.clone())).collect();
-    assert_eq!(needs, vec![("greet", vec![]), ("shout", vec![0]), ("side", vec![])], "omitted needs = the step above");
+    assert_eq!(
+        wf.triggers,
+        vec![Trigger {
+            ty: "com.example.greeting".into()
+        }]
+    );
+    let needs: Vec<_> = wf
+        .steps
+        .iter()
+        .map(|s| (s.id.as_str(), s.needs.clone()))
+        .collect();
+    assert_eq!(
+        needs,
+        vec![("greet", vec![]), ("shout", vec![0]), ("side", vec![])],
+        "omitted needs = the step above"
+    );
     assert!(wf.steps[2].condition.is_some());
-    assert_eq!(wf.resolve_input(&json!(null)).unwrap(), json!({"name": "world"}));
-    assert!(wf.resolve_input(&json!({"name": 3})).unwrap_err().contains("must be a string"));
-    assert!(wf.resolve_input(&json!({"nme": "x"})).unwrap_err().contains("unknown input `nme`"));
+    assert_eq!(
+        wf.resolve_input(&json!(null)).unwrap(),
+        json!({"name": "world"})
+    );
+    assert!(
+        wf.resolve_input(&json!({"name": 3}))
+            .unwrap_err()
+            .contains("must be a string")
+    );
+    assert!(
+        wf.resolve_input(&json!({"nme": "x"}))
+            .unwrap_err()
+            .contains("unknown input `nme`")
+    );
 }
 
 #[test]
@@ -56,9 +80,15 @@ steps:
     let problems = compile(src).unwrap_err().0;
     let text: Vec<_> = problems.iter().map(ToString::to_string).collect();
     let has = |s: &str| text.iter().any(|t| t.contains(s));
-    assert!(has("name: `bad name` is not a valid workflow name"), "{text:#?}");
+    assert!(
+        has("name: `bad name` is not a valid workflow name"),
+        "{text:#?}"
+    );
     assert!(has("steps[1].id: step id `a` is used twice"), "{text:#?}");
-    assert!(has("steps[1].with.x: jq expression `.a | nosuch`"), "{text:#?}");
+    assert!(
+        has("steps[1].with.x: jq expression `.a | nosuch`"),
+        "{text:#?}"
+    );
     assert!(has("cycle: c -> d -> c"), "{text:#?}");
 }
 
@@ -72,7 +102,10 @@ fn unknown_keys_and_yaml_errors_are_problems() {
 #[test]
 fn the_bundled_examples_compile() {
     for (name, src) in [
-        ("release", include_str!("../../../docs/examples/release.yaml")),
+        (
+            "release",
+            include_str!("../../../docs/examples/release.yaml"),
+        ),
         ("hello", include_str!("../../../docs/examples/hello.yaml")),
     ] {
         let wf = compile(src).unwrap_or_else(|p| panic!("{name}: {p}"));
@@ -84,6 +117,13 @@ fn the_bundled_examples_compile() {
 fn dashed_step_ids_in_jq_get_a_hint() {
     let src = "name: x\nsteps:\n  - id: deploy-canary\n    uses: echo\n  - id: b\n    uses: echo\n    with: { v: \"${{ .steps.deploy-canary.outputs }}\" }\n";
     let problems = compile(src).unwrap_err().0;
-    assert!(problems[0].hint.as_deref().unwrap().contains(r#".steps["deploy-canary"]"#), "{problems:?}");
+    assert!(
+        problems[0]
+            .hint
+            .as_deref()
+            .unwrap()
+            .contains(r#".steps["deploy-canary"]"#),
+        "{problems:?}"
+    );
     assert!(!has_dashed_key(".a - 1") && !has_dashed_key("5-x") && has_dashed_key(".steps.a-b"));
 }

@@ -31,7 +31,10 @@ fn setup() -> (Workflow, Run) {
     let wf = baton_workflow::compile(DIAMOND).unwrap();
     let req = RunRequested {
         run_id: "r1".into(),
-        workflow: WorkflowRef { name: "diamond".into(), version: 1 },
+        workflow: WorkflowRef {
+            name: "diamond".into(),
+            version: 1,
+        },
         input: Value::Null,
         trigger: None,
     };
@@ -77,8 +80,16 @@ fn runs_a_dag_with_skips_and_templated_inputs() {
     let journal = drive(&wf, &mut run, req);
     assert_eq!(run.status, Status::Succeeded);
     assert_eq!(run.output, json!({"d": 20}));
-    assert_eq!(run.steps[2].status, StepStatus::Skipped, "c's `if` is false");
-    assert_eq!(run.steps[3].status, StepStatus::Completed { attempt: 1 }, "d has its own `if`");
+    assert_eq!(
+        run.steps[2].status,
+        StepStatus::Skipped,
+        "c's `if` is false"
+    );
+    assert_eq!(
+        run.steps[3].status,
+        StepStatus::Completed { attempt: 1 },
+        "d has its own `if`"
+    );
     let requested: Vec<_> = journal
         .iter()
         .filter_map(|e| match e {
@@ -98,12 +109,20 @@ fn a_failed_step_fails_the_run_and_nothing_starts_after() {
         run_id: "r1".into(),
         step: "a".into(),
         attempt: 1,
-        error: StepError { message: "boom".into(), retryable: false },
+        error: StepError {
+            message: "boom".into(),
+            retryable: false,
+        },
         runner: "t".into(),
     });
     let cmds = run.handle(&failed, &wf);
-    assert!(matches!(&cmds[..], [RunEvent::Failed(f)] if f.error == "step a failed: boom" && f.step.as_deref() == Some("a")));
-    assert!(run.handle(&completed("a", json!({"v": 1})), &wf).is_empty(), "no step after the end");
+    assert!(
+        matches!(&cmds[..], [RunEvent::Failed(f)] if f.error == "step a failed: boom" && f.step.as_deref() == Some("a"))
+    );
+    assert!(
+        run.handle(&completed("a", json!({"v": 1})), &wf).is_empty(),
+        "no step after the end"
+    );
     assert_eq!(run.status, Status::Failed);
 }
 
@@ -111,7 +130,13 @@ fn a_failed_step_fails_the_run_and_nothing_starts_after() {
 fn cancel_ends_a_running_run() {
     let (wf, mut run) = setup();
     run.decide(&wf);
-    let cmds = run.handle(&RunEvent::CancelRequested(CancelRequested { run_id: "r1".into(), reason: "by hand".into() }), &wf);
+    let cmds = run.handle(
+        &RunEvent::CancelRequested(CancelRequested {
+            run_id: "r1".into(),
+            reason: "by hand".into(),
+        }),
+        &wf,
+    );
     assert!(matches!(&cmds[..], [RunEvent::Failed(f)] if f.error == "cancelled: by hand"));
 }
 
@@ -160,11 +185,17 @@ fn an_invalid_input_fails_the_run_with_the_reason() {
     let wf = baton_workflow::compile(DIAMOND).unwrap();
     let req = RunRequested {
         run_id: "r1".into(),
-        workflow: WorkflowRef { name: "diamond".into(), version: 1 },
+        workflow: WorkflowRef {
+            name: "diamond".into(),
+            version: 1,
+        },
         input: json!({"n": "three"}),
         trigger: None,
     };
     let mut run = Run::new(&req, &wf, "tp".into());
     let cmds = run.decide(&wf);
-    assert!(matches!(&cmds[..], [RunEvent::Failed(f)] if f.error == "invalid input: input `n` must be a number, got \"three\""), "{cmds:?}");
+    assert!(
+        matches!(&cmds[..], [RunEvent::Failed(f)] if f.error == "invalid input: input `n` must be a number, got \"three\""),
+        "{cmds:?}"
+    );
 }
