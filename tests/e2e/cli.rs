@@ -130,3 +130,69 @@ async fn servers_older_than_2_12_are_refused_with_the_version_and_a_remedy() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn baton_dev_serves_until_ctrl_c_then_stops_everything_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let (nats_port, http_port) = (baton_tests::free_port(), baton_tests::free_port());
+    let data = tempfile::tempdir().unwrap();
+    let mut dev = Command::new(baton_tests::baton_binary())
+        .args([
+            "dev",
+            "--port",
+            &nats_port.to_string(),
+            "--http",
+            &format!("127.0.0.1:{http_port}"),
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env("BATON_HOME", workspace_root().join(".baton"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut banner = String::new();
+    let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.contains("Ctrl-C stops the stack") {
+            break;
+        }
+    }
+    assert!(
+        banner.contains(&format!("at nats://127.0.0.1:{nats_port}")),
+        "{banner}"
+    );
+    assert!(
+        banner.contains("workflow release v1")
+            && banner.contains("started by com.github.release.published"),
+        "{banner}"
+    );
+    let health = tokio::net::TcpStream::connect(("127.0.0.1", http_port)).await;
+    assert!(health.is_ok(), "the gateway listens on {http_port}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dev.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = tokio::task::spawn_blocking(move || dev.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(status.success(), "exit status {status}; output: {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("Baton dev stack stopped")),
+        "{rest:?}"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", nats_port)).is_err(),
+        "its nats-server is stopped too"
+    );
+    assert!(data.path().join("jetstream").is_dir(), "data is kept");
+}
