@@ -116,8 +116,9 @@ async fn an_event_on_nats_starts_a_run_whose_steps_chain_to_success() {
     );
     assert!(
         events.iter().all(|e| e
-            .traceparent
-            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")),
+            .trace
+            .as_ref()
+            .is_some_and(|t| t.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736")),
         "every event continues the trigger's trace"
     );
 

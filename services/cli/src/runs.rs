@@ -53,7 +53,7 @@ pub async fn start(
         trigger: None,
     });
     let (headers, body) =
-        binding::encode(&request.to_cloudevent("baton/cli", &event::new_traceparent()));
+        binding::encode(&request.to_cloudevent("baton/cli", &baton_core::trace::Trace::new()));
     bus.js
         .publish_with_headers(request.subject(bus.partitions, ""), headers, body)
         .await?
@@ -142,7 +142,7 @@ pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
     let events = read_journal(&bus.js, subjects::run_all(p, run_id)).await?;
     let Some(Journaled {
         event: RunEvent::Requested(request),
-        traceparent,
+        trace,
         ..
     }) = events.first().cloned()
     else {
@@ -153,7 +153,7 @@ pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
         .get(&request.workflow.name, request.workflow.version)
         .await
         .map_err(anyhow::Error::msg)?;
-    let mut run = Run::new(&request, &workflow, traceparent);
+    let mut run = Run::new(&request, &workflow, trace.unwrap_or_default());
     for e in &events {
         run.apply(&e.event);
     }
@@ -163,7 +163,7 @@ pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
         run.workflow.name, run.workflow.version
     );
     println!("  status    {}", run.status.as_str());
-    println!("  trace     {}", run.traceparent);
+    println!("  trace     {}", run.trace.trace_id);
     if let Some(trigger) = &run.trigger {
         println!(
             "  trigger   {} from {} (id {})",

@@ -9,6 +9,7 @@
 use baton_core::event::{
     RunEvent, RunFailed, RunRequested, RunSucceeded, StepRequested, Trigger, WorkflowRef,
 };
+use baton_core::trace::Trace;
 use baton_workflow::Workflow;
 use baton_workflow::expr::to_val;
 use serde::Serialize;
@@ -72,7 +73,8 @@ pub struct StepState {
 pub struct Run {
     pub id: String,
     pub workflow: WorkflowRef,
-    pub traceparent: String,
+    /// The run's trace: the triggering event's, or a new one. Never regenerated mid-run.
+    pub trace: Trace,
     pub input: Value,
     pub trigger: Option<Trigger>,
     pub status: Status,
@@ -86,7 +88,7 @@ pub struct Run {
 
 impl Run {
     /// A run as its `run.requested` event describes it. `workflow` must be the pinned version.
-    pub fn new(request: &RunRequested, workflow: &Workflow, traceparent: String) -> Run {
+    pub fn new(request: &RunRequested, workflow: &Workflow, trace: Trace) -> Run {
         let (input, abort) = match workflow.resolve_input(&request.input) {
             Ok(input) => (input, None),
             Err(e) => (request.input.clone(), Some(format!("invalid input: {e}"))),
@@ -94,7 +96,7 @@ impl Run {
         Run {
             id: request.run_id.clone(),
             workflow: request.workflow.clone(),
-            traceparent,
+            trace,
             input,
             trigger: request.trigger.clone(),
             status: Status::Running,

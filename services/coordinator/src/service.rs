@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, consumer};
 use baton_core::event::{self, RunEvent};
 use baton_core::shutdown::CancellationToken;
+use baton_core::trace::Trace;
 use baton_core::{Bus, binding, dlq, subjects};
 use baton_workflow::Workflow;
 use futures::StreamExt;
@@ -213,12 +214,7 @@ impl Partition {
     }
 
     /// Folds a journal event into `runs` without deciding anything.
-    async fn fold(
-        &mut self,
-        Journaled {
-            event, traceparent, ..
-        }: Journaled,
-    ) {
+    async fn fold(&mut self, Journaled { event, trace, .. }: Journaled) {
         if let RunEvent::Requested(r) = &event {
             if self.runs.contains_key(&r.run_id) {
                 return;
@@ -229,7 +225,7 @@ impl Partition {
                 .await
             {
                 Ok(wf) => {
-                    let run = Run::new(r, &wf, traceparent);
+                    let run = Run::new(r, &wf, trace.unwrap_or_default());
                     self.runs.insert(r.run_id.clone(), (run, wf));
                 }
                 Err(error) => {
@@ -245,12 +241,12 @@ impl Partition {
         let decoded = binding::decode(message.headers.as_ref(), &message.payload)
             .map_err(|e| e.to_string())
             .and_then(|ce| {
-                let tp = event::traceparent(&ce).unwrap_or_default();
+                let trace = event::trace(&ce);
                 RunEvent::from_cloudevent(&ce)
-                    .map(|e| (e, tp))
+                    .map(|e| (e, trace))
                     .map_err(|e| e.to_string())
             });
-        let (event, traceparent) = match decoded {
+        let (event, trace) = match decoded {
             Ok(d) => d,
             Err(reason) => return self.reject(message, &reason).await,
         };
@@ -263,12 +259,9 @@ impl Partition {
                     .await
                 {
                     Ok(wf) => {
-                        let tp = if traceparent.is_empty() {
-                            event::new_traceparent()
-                        } else {
-                            traceparent
-                        };
-                        self.runs.insert(run_id.clone(), (Run::new(r, &wf, tp), wf));
+                        // The run continues the trace of its request; an invalid one starts a new trace.
+                        let run = Run::new(r, &wf, trace.unwrap_or_default());
+                        self.runs.insert(run_id.clone(), (run, wf));
                     }
                     Err(reason) => return self.reject(message, &reason).await,
                 },
@@ -291,8 +284,8 @@ impl Partition {
         };
         let commands = run.handle(&event, wf);
         let ended = run.status.is_terminal();
-        let traceparent = run.traceparent.clone();
-        let publishes = self.start_publishes(&commands, &traceparent).await;
+        let trace = run.trace.clone();
+        let publishes = self.start_publishes(&commands, &trace).await;
         if ended {
             self.runs.remove(&run_id);
         }
@@ -332,14 +325,10 @@ impl Partition {
         Ok(())
     }
 
-    async fn start_publishes(
-        &self,
-        commands: &[RunEvent],
-        traceparent: &str,
-    ) -> Vec<PublishResult> {
+    async fn start_publishes(&self, commands: &[RunEvent], trace: &Trace) -> Vec<PublishResult> {
         let mut acks = Vec::with_capacity(commands.len());
         for command in commands {
-            let ce = command.to_cloudevent(SOURCE, traceparent);
+            let ce = command.to_cloudevent(SOURCE, trace);
             let (headers, body) = binding::encode(&ce);
             let subject = command.subject(self.bus.partitions, "");
             acks.push(
@@ -357,7 +346,7 @@ impl Partition {
         let tp = self
             .runs
             .get(run_id)
-            .map(|(r, _)| r.traceparent.clone())
+            .map(|(r, _)| r.trace.clone())
             .unwrap_or_default();
         await_all(self.start_publishes(commands, &tp).await).await
     }
@@ -399,7 +388,8 @@ async fn await_all(publishes: Vec<PublishResult>) -> Result<(), String> {
 #[derive(Debug, Clone)]
 pub struct Journaled {
     pub seq: u64,
-    pub traceparent: String,
+    /// The event's trace context, if valid.
+    pub trace: Option<Trace>,
     pub event: RunEvent,
 }
 
@@ -435,7 +425,7 @@ pub async fn read_journal(
         {
             out.push(Journaled {
                 seq,
-                traceparent: event::traceparent(&ce).unwrap_or_default(),
+                trace: event::trace(&ce),
                 event,
             });
         }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::subjects;
+use crate::trace::Trace;
 
 /// CloudEvent `type` of every Baton event: `dev.baton.<scope>.<verb>`.
 pub mod types {
@@ -221,8 +222,9 @@ impl RunEvent {
         v.unwrap_or_default()
     }
 
-    /// This event as a CloudEvent from `source` (`baton/<service>`), carrying `traceparent`.
-    pub fn to_cloudevent(&self, source: &str, traceparent: &str) -> Event {
+    /// This event as a CloudEvent from `source` (`baton/<service>`), carrying the run's trace
+    /// context as the `traceparent` and `tracestate` extensions.
+    pub fn to_cloudevent(&self, source: &str, trace: &Trace) -> Event {
         let mut builder = EventBuilderV10::new()
             .id(self.id())
             .source(source)
@@ -230,8 +232,9 @@ impl RunEvent {
             .subject(self.ce_subject())
             .time(chrono::Utc::now())
             .data("application/json", self.data());
-        if !traceparent.is_empty() {
-            builder = builder.extension("traceparent", traceparent);
+        builder = builder.extension("traceparent", trace.traceparent());
+        if let Some(state) = &trace.state {
+            builder = builder.extension("tracestate", state.as_str());
         }
         // All required attributes are set above, so building cannot fail.
         builder
@@ -296,16 +299,15 @@ pub fn data_value(event: &Event) -> Value {
     }
 }
 
-/// The `traceparent` extension of an event, if present.
-pub fn traceparent(event: &Event) -> Option<String> {
-    event.extension("traceparent").map(|v| v.to_string())
-}
-
-/// A fresh W3C `traceparent` (version 00, sampled) for a run that starts without one.
-pub fn new_traceparent() -> String {
-    let trace = ulid::Ulid::generate().0;
-    let span = ulid::Ulid::generate().0 as u64 | 1;
-    format!("00-{trace:032x}-{span:016x}-01")
+/// The trace context of an event (its `traceparent` and `tracestate` extensions), if it carries a
+/// valid one. An invalid `traceparent` yields `None`: the caller starts a new trace instead.
+pub fn trace(event: &Event) -> Option<Trace> {
+    let parent = event.extension("traceparent").map(|v| v.to_string())?;
+    let state = event.extension("tracestate").map(|v| v.to_string());
+    Trace::parse(
+        &[&parent],
+        &state.as_deref().into_iter().collect::<Vec<_>>(),
+    )
 }
 
 /// The id of the run that event (`source`, `id`) starts for `workflow`: the same every time, so a
@@ -335,7 +337,9 @@ mod tests {
             runner: "runner-1".into(),
             duration_ms: 5,
         });
-        let ce = event.to_cloudevent("baton/runner", &new_traceparent());
+        let trace = Trace::new();
+        let ce = event.to_cloudevent("baton/runner", &trace);
+        assert_eq!(super::trace(&ce), Some(trace));
         assert_eq!(ce.id(), "r1.build.2.outcome");
         assert_eq!(ce.subject(), Some("r1/build"));
         assert_eq!(RunEvent::from_cloudevent(&ce).unwrap(), event);
@@ -370,18 +374,27 @@ mod tests {
     }
 
     #[test]
-    fn new_traceparents_are_well_formed() {
-        let tp = new_traceparent();
-        let parts: Vec<_> = tp.split('-').collect();
+    fn invalid_trace_context_is_not_propagated() {
+        let with = |tp: &str| {
+            EventBuilderV10::new()
+                .id("1")
+                .source("/x")
+                .ty("t")
+                .extension("traceparent", tp)
+                .build()
+                .unwrap()
+        };
         assert_eq!(
-            (
-                parts.len(),
-                parts[0],
-                parts[1].len(),
-                parts[2].len(),
-                parts[3]
-            ),
-            (4, "00", 32, 16, "01")
+            trace(&with(
+                "00-00000000000000000000000000000000-1234567890123456-01"
+            )),
+            None
         );
+        assert_eq!(trace(&with("not a traceparent")), None);
+        let ok = trace(&with(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ))
+        .unwrap();
+        assert_eq!(ok.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 }

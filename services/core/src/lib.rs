@@ -17,6 +17,7 @@ pub mod shutdown;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;
+pub mod trace;
 
 pub use cloudevents::Event;
 pub use connect::{Bus, connect};

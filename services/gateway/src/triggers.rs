@@ -158,7 +158,7 @@ impl Triggers {
             data: event::data_value(&event),
         };
         // The run continues the event's trace.
-        let traceparent = event::traceparent(&event).unwrap_or_else(event::new_traceparent);
+        let trace = event::trace(&event).unwrap_or_default();
         let mut acks = Vec::new();
         for (name, version) in matches {
             let request = RunEvent::Requested(RunRequested {
@@ -171,7 +171,7 @@ impl Triggers {
                 trigger: Some(trigger.clone()),
             });
             tracing::info!(workflow = %name, version, run = request.run_id(), event = %trigger.id, "event starts a run");
-            let (headers, body) = binding::encode(&request.to_cloudevent(SOURCE, &traceparent));
+            let (headers, body) = binding::encode(&request.to_cloudevent(SOURCE, &trace));
             acks.push(
                 self.bus
                     .js

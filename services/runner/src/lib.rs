@@ -182,13 +182,11 @@ impl Worker {
         let decoded = binding::decode(message.headers.as_ref(), &message.payload)
             .map_err(|e| e.to_string())
             .and_then(|ce| match RunEvent::from_cloudevent(&ce) {
-                Ok(RunEvent::StepRequested(r)) => {
-                    Ok((r, event::traceparent(&ce).unwrap_or_default()))
-                }
+                Ok(RunEvent::StepRequested(r)) => Ok((r, event::trace(&ce).unwrap_or_default())),
                 Ok(other) => Err(format!("expected a step request, got {}", other.ty())),
                 Err(e) => Err(e.to_string()),
             });
-        let (request, traceparent) = match decoded {
+        let (request, trace) = match decoded {
             Ok(d) => d,
             Err(reason) => {
                 let stored = dlq::publish(
@@ -248,7 +246,7 @@ impl Worker {
                 runner: self.options.instance.clone(),
             }),
         };
-        let (headers, body) = binding::encode(&event.to_cloudevent(SOURCE, &traceparent));
+        let (headers, body) = binding::encode(&event.to_cloudevent(SOURCE, &trace));
         let subject = event.subject(self.bus.partitions, &self.kind);
         let stored = match self
             .bus

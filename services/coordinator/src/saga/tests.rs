@@ -1,5 +1,6 @@
 use super::*;
 use baton_core::event::{CancelRequested, StepCompleted, StepError, StepFailed};
+use baton_core::trace::Trace;
 use proptest::prelude::*;
 
 const DIAMOND: &str = r#"
@@ -38,7 +39,7 @@ fn setup() -> (Workflow, Run) {
         input: Value::Null,
         trigger: None,
     };
-    let run = Run::new(&req, &wf, "tp".into());
+    let run = Run::new(&req, &wf, Trace::new());
     (wf, run)
 }
 
@@ -192,7 +193,7 @@ fn an_invalid_input_fails_the_run_with_the_reason() {
         input: json!({"n": "three"}),
         trigger: None,
     };
-    let mut run = Run::new(&req, &wf, "tp".into());
+    let mut run = Run::new(&req, &wf, Trace::new());
     let cmds = run.decide(&wf);
     assert!(
         matches!(&cmds[..], [RunEvent::Failed(f)] if f.error == "invalid input: input `n` must be a number, got \"three\""),
