@@ -1,5 +1,5 @@
 //! The Baton workflow language: YAML (or JSON) files, validated and compiled into a [`Workflow`],
-//! the graph that the coordinator executes and nothing else.
+//! the graph that the coordinator executes and nothing else. `docs/workflows.md` is the reference.
 //!
 //! ```yaml
 //! name: hello
@@ -17,17 +17,23 @@
 //! outputs:
 //!   result: ${{ .steps.shout.outputs.message }}
 //! ```
+//!
+//! [`compile`] reads, checks and compiles a file in one go and reports every problem it finds,
+//! each with its line and column. The compiled [`Workflow`] holds pre-compiled expressions,
+//! durations and step indices, so that the engine never looks at names or text again.
 
+mod compile;
 pub mod expr;
-mod format;
+pub mod graph;
+mod yaml;
 
-use std::collections::HashMap;
 use std::fmt;
+use std::time::Duration;
 
 use serde_json::Value;
 
 pub use expr::{Expr, Template};
-use format::{File, InputType};
+pub use yaml::Pos;
 
 /// A compiled workflow.
 #[derive(Debug, Clone)]
@@ -39,6 +45,10 @@ pub struct Workflow {
     /// Steps in file order; `needs` refers to indices in this list.
     pub steps: Vec<Step>,
     pub outputs: Template,
+    /// The run fails (and compensates) when it has not ended after this long.
+    pub timeout: Option<Duration>,
+    /// How many runs may be active at once, per key.
+    pub concurrency: Option<Concurrency>,
 }
 
 /// A CloudEvent that starts a run.
@@ -46,40 +56,429 @@ pub struct Workflow {
 pub struct Trigger {
     /// The CloudEvent `type`, matched exactly.
     pub ty: String,
+    /// A pattern the CloudEvent `source` must match.
+    pub source: Option<Pattern>,
+    /// A pattern the CloudEvent `subject` must match (an event without a subject does not).
+    pub subject: Option<Pattern>,
+    /// A jq condition over the event (`.id`, `.source`, `.type`, `.subject`, `.time`, `.data`
+    /// and extensions); the run starts only when it is true.
+    pub filter: Option<Expr>,
 }
 
+impl Trigger {
+    /// Whether `event` (a CloudEvent as JSON, attributes at the top and `data`) starts a run.
+    pub fn matches(&self, event: &Value) -> Result<bool, expr::EvalError> {
+        let attr = |name: &str| event.get(name).and_then(Value::as_str);
+        if attr("type") != Some(self.ty.as_str()) {
+            return Ok(false);
+        }
+        let fits = |pattern: &Option<Pattern>, name: &str| match pattern {
+            None => true,
+            Some(p) => attr(name).is_some_and(|v| p.matches(v)),
+        };
+        if !fits(&self.source, "source") || !fits(&self.subject, "subject") {
+            return Ok(false);
+        }
+        match &self.filter {
+            None => Ok(true),
+            Some(f) => f.truthy(&expr::to_val(event)),
+        }
+    }
+}
+
+/// A glob over a CloudEvent attribute: `*` matches any run of characters (`/` included), `?` one
+/// character; everything else matches itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(pub String);
+
+impl Pattern {
+    pub fn matches(&self, text: &str) -> bool {
+        fn go(p: &[char], t: &[char]) -> bool {
+            // Iterative glob matching with one backtrack point: linear for these patterns.
+            let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
+            while ti < t.len() {
+                if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+                    pi += 1;
+                    ti += 1;
+                } else if pi < p.len() && p[pi] == '*' {
+                    star = Some(pi);
+                    mark = ti;
+                    pi += 1;
+                } else if let Some(s) = star {
+                    pi = s + 1;
+                    mark += 1;
+                    ti = mark;
+                } else {
+                    return false;
+                }
+            }
+            p[pi..].iter().all(|&c| c == '*')
+        }
+        let p: Vec<char> = self.0.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        go(&p, &t)
+    }
+}
+
+/// A typed input of a run.
 #[derive(Debug, Clone)]
 pub struct Input {
     pub name: String,
     pub ty: InputType,
     pub default: Option<Value>,
     pub required: bool,
+    pub description: String,
 }
 
+/// The type of a workflow input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InputType {
+    #[default]
+    Any,
+    String,
+    Number,
+    Integer,
+    Boolean,
+    Object,
+    Array,
+}
+
+impl InputType {
+    pub const ALL: &[(&str, InputType)] = &[
+        ("any", InputType::Any),
+        ("string", InputType::String),
+        ("number", InputType::Number),
+        ("integer", InputType::Integer),
+        ("boolean", InputType::Boolean),
+        ("object", InputType::Object),
+        ("array", InputType::Array),
+    ];
+
+    pub fn accepts(self, v: &Value) -> bool {
+        match self {
+            InputType::Any => true,
+            InputType::String => v.is_string(),
+            InputType::Number => v.is_number(),
+            InputType::Integer => v.is_i64() || v.is_u64(),
+            InputType::Boolean => v.is_boolean(),
+            InputType::Object => v.is_object(),
+            InputType::Array => v.is_array(),
+        }
+    }
+}
+
+impl fmt::Display for InputType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InputType::Any => "any value",
+            InputType::String => "string",
+            InputType::Number => "number",
+            InputType::Integer => "integer",
+            InputType::Boolean => "boolean",
+            InputType::Object => "object",
+            InputType::Array => "array",
+        })
+    }
+}
+
+/// One step of the graph.
 #[derive(Debug, Clone)]
 pub struct Step {
     pub id: String,
-    /// The step kind: a built-in runner or a custom step service.
+    /// The step kind as it appears in subjects: a built-in's name, or a custom service's name.
     pub kind: String,
+    /// The step's input (for coordinator kinds, their parameters, also compiled into `action`).
     pub with: Template,
     /// Indices of the steps this one waits for.
     pub needs: Vec<usize>,
     /// When it evaluates to false or null the step is skipped.
     pub condition: Option<Expr>,
+    /// A display name.
+    pub name: Option<String>,
+    pub uses: Uses,
+    /// What the coordinator does to execute the step.
+    pub action: Action,
+    /// Named outputs computed from the kind's result (`.result`); `None`: the result as is.
+    pub outputs: Option<Template>,
+    pub retry: Retry,
+    /// Each attempt fails with a `timeout` error after this long.
+    pub timeout: Option<Duration>,
+    pub on_failure: OnFailure,
+    /// The step that undoes this one when the run fails after it completed.
+    pub compensate: Option<Compensation>,
+    /// Run the step once per item of a list.
+    pub for_each: Option<ForEach>,
+}
+
+/// What a step uses: a built-in kind or a custom step service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uses {
+    Builtin(Builtin),
+    /// `service/<name>`: the kind token is the name.
+    Service,
+}
+
+/// The built-in step kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Builtin {
+    Echo,
+    Http,
+    Cloudevent,
+    Exec,
+    Nats,
+    Emit,
+    Sleep,
+    Wait,
+    Approval,
+    Workflow,
+}
+
+impl Builtin {
+    pub const ALL: &[Builtin] = &[
+        Builtin::Echo,
+        Builtin::Http,
+        Builtin::Cloudevent,
+        Builtin::Exec,
+        Builtin::Nats,
+        Builtin::Emit,
+        Builtin::Sleep,
+        Builtin::Wait,
+        Builtin::Approval,
+        Builtin::Workflow,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Builtin::Echo => "echo",
+            Builtin::Http => "http",
+            Builtin::Cloudevent => "cloudevent",
+            Builtin::Exec => "exec",
+            Builtin::Nats => "nats",
+            Builtin::Emit => "emit",
+            Builtin::Sleep => "sleep",
+            Builtin::Wait => "wait",
+            Builtin::Approval => "approval",
+            Builtin::Workflow => "workflow",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Builtin> {
+        Builtin::ALL.iter().copied().find(|b| b.name() == name)
+    }
+
+    /// Kinds the coordinator executes itself (timers, waiting, sub-runs); the rest go to runners.
+    pub fn runs_in_coordinator(self) -> bool {
+        matches!(
+            self,
+            Builtin::Sleep | Builtin::Wait | Builtin::Approval | Builtin::Workflow
+        )
+    }
+}
+
+/// How the coordinator executes a step.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Publish `step.requested` for a runner of the step's kind, with `with` evaluated.
+    Run,
+    /// Schedule a timer.
+    Sleep(Duration),
+    /// Wait for a correlated CloudEvent.
+    Wait(Wait),
+    /// Wait for a person's decision.
+    Approval(Approval),
+    /// Start a run of another workflow and wait for it to end.
+    Workflow(Call),
+}
+
+/// Waiting for a CloudEvent. The step completes with `{"timed_out": false, "event": <event>}`
+/// when an event of type `event` arrives whose `event_key` equals the value of `key` (evaluated
+/// when the wait starts), or with `{"timed_out": true}` after `timeout`.
+#[derive(Debug, Clone)]
+pub struct Wait {
+    pub event: String,
+    pub source: Option<Pattern>,
+    pub subject: Option<Pattern>,
+    /// Over the run's context, when the wait starts.
+    pub key: Template,
+    /// Over each candidate event (a CloudEvent as JSON).
+    pub event_key: Expr,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Approval {
+    pub message: Template,
+    /// Who may decide; empty: anyone who can signal the run.
+    pub approvers: Vec<String>,
+    /// Rejected when nobody decides in this time; `None`: wait until the run's timeout.
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub workflow: String,
+    /// `None`: the version that is the head when the sub-run starts (then pinned like any run).
+    pub version: Option<u64>,
+    pub inputs: Template,
+}
+
+/// Retry policy of a step (or of a compensation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    /// Attempts in all, the first one included; 1 means no retry.
+    pub attempts: u32,
+    pub backoff: Backoff,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    /// Each delay is varied at random by up to this fraction of it (0 to 1).
+    pub jitter: f64,
+    /// Which errors are retried.
+    pub on: Vec<RetryOn>,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 1,
+            backoff: Backoff::Exponential { factor: 2.0 },
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            jitter: 0.0,
+            on: vec![RetryOn::Transient, RetryOn::Timeout],
+        }
+    }
+}
+
+impl Retry {
+    /// The delay before attempt `failed + 1`, after attempt `failed` (from 1) failed. `random` is
+    /// a number in [0, 1) that the caller draws (and records, so that a replay waits the same).
+    pub fn delay(&self, failed: u32, random: f64) -> Duration {
+        let base = match self.backoff {
+            Backoff::Constant => self.initial_delay.as_secs_f64(),
+            Backoff::Exponential { factor } => {
+                let exponent = failed.saturating_sub(1).min(1000) as i32;
+                self.initial_delay.as_secs_f64() * factor.powi(exponent)
+            }
+        };
+        let capped = base.min(self.max_delay.as_secs_f64());
+        let jittered = capped * (1.0 + self.jitter * (2.0 * random.clamp(0.0, 1.0) - 1.0));
+        Duration::from_secs_f64(jittered.clamp(0.0, self.max_delay.as_secs_f64()))
+    }
+
+    /// Whether an error of this class is retried (attempts left aside).
+    pub fn retries(&self, error: &ErrorClass<'_>) -> bool {
+        self.on.iter().any(|on| match (on, error) {
+            (RetryOn::Any, _) => true,
+            (RetryOn::Timeout, ErrorClass::Timeout) => true,
+            (RetryOn::Transient, ErrorClass::Transient { .. }) => true,
+            (
+                RetryOn::Code(c),
+                ErrorClass::Transient { code: Some(code) }
+                | ErrorClass::Permanent { code: Some(code) },
+            ) => c == code,
+            _ => false,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Backoff {
+    Constant,
+    Exponential { factor: f64 },
+}
+
+/// A class of errors that a retry policy names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryOn {
+    /// Every error.
+    Any,
+    /// Errors the step marked as retryable.
+    Transient,
+    /// The attempt timed out.
+    Timeout,
+    /// Errors with this code, retryable or not.
+    Code(String),
+}
+
+/// An error as the retry policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorClass<'a> {
+    Timeout,
+    Transient { code: Option<&'a str> },
+    Permanent { code: Option<&'a str> },
+}
+
+/// What a step's failure (after its retries) does to the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// The run fails, and completed steps are compensated.
+    #[default]
+    Fail,
+    /// The step counts as done with status `failed`; the steps that need it run.
+    Continue,
+}
+
+/// The step that undoes a completed step.
+#[derive(Debug, Clone)]
+pub struct Compensation {
+    pub kind: String,
+    pub uses: Uses,
+    /// Sees the run's context; `.steps.<this step>.outputs` are the outputs being undone.
+    pub with: Template,
+    pub retry: Retry,
+    pub timeout: Option<Duration>,
+}
+
+/// Run a step once per item of a list: `with` sees `.item` and `.index`; the step's outputs are
+/// the list of each item's outputs, in order. The step fails when an item fails for good; no new
+/// items are started then.
+#[derive(Debug, Clone)]
+pub struct ForEach {
+    /// Evaluates to an array.
+    pub items: Template,
+    /// Items run at once, at most.
+    pub parallelism: u32,
+}
+
+/// At most `limit` active runs per value of `key`.
+#[derive(Debug, Clone)]
+pub struct Concurrency {
+    /// Over `.event`, `.inputs` and `.run`, when the run is requested.
+    pub key: Template,
+    pub limit: u32,
+    pub on_conflict: OnConflict,
+}
+
+/// What happens to a run that would exceed the concurrency limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    /// It waits until a run with the same key ends.
+    Queue,
+    /// It ends at once as skipped.
+    Skip,
+    /// The oldest active run with the same key is cancelled (and compensated); this one starts.
+    CancelPrevious,
 }
 
 /// One problem in a workflow file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// Where: a path such as `steps[1].needs[0]`.
+    /// Where, as a path such as `steps[1].needs[0]`.
     pub at: String,
+    /// Where, in the file (from 1).
+    pub line: u32,
+    pub column: u32,
     pub message: String,
     pub hint: Option<String>,
 }
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.at, self.message)?;
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.line, self.column, self.at, self.message
+        )?;
         if let Some(hint) = &self.hint {
             write!(f, " (hint: {hint})")?;
         }
@@ -87,7 +486,7 @@ impl fmt::Display for Problem {
     }
 }
 
-/// All problems found in a workflow file.
+/// All problems found in a workflow file, in the order of their position.
 #[derive(Debug, Clone, thiserror::Error)]
 pub struct Problems(pub Vec<Problem>);
 
@@ -103,233 +502,10 @@ impl fmt::Display for Problems {
     }
 }
 
-/// Parses and compiles a workflow from YAML (JSON is YAML too). Reports every problem at once.
+/// Parses and compiles a workflow from YAML (JSON is YAML too). Reports every problem at once,
+/// sorted by position.
 pub fn compile(source: &str) -> Result<Workflow, Problems> {
-    let file: File = serde_saphyr::from_str(source).map_err(|e| {
-        Problems(vec![Problem {
-            at: "file".into(),
-            message: e.to_string(),
-            hint: None,
-        }])
-    })?;
-    Compiler::default().compile(file)
-}
-
-#[derive(Default)]
-struct Compiler {
-    problems: Vec<Problem>,
-}
-
-impl Compiler {
-    fn problem(&mut self, at: impl Into<String>, message: impl Into<String>, hint: Option<&str>) {
-        self.problems.push(Problem {
-            at: at.into(),
-            message: message.into(),
-            hint: hint.map(str::to_owned),
-        });
-    }
-
-    fn template(&mut self, value: &Value, at: &str) -> Template {
-        let mut errors = Vec::new();
-        let t = Template::parse(value, at, &mut errors);
-        for (at, e) in errors {
-            let hint = if has_dashed_key(&e.expr) {
-                "jq reads `.a-b` as `.a - b`: write keys with `-` as `.steps[\"deploy-canary\"]`"
-            } else {
-                "see https://jqlang.org/manual for jq syntax"
-            };
-            self.problem(at, e.to_string(), Some(hint));
-        }
-        t
-    }
-
-    fn compile(mut self, file: File) -> Result<Workflow, Problems> {
-        if !is_name(&file.name) {
-            self.problem(
-                "name",
-                format!("`{}` is not a valid workflow name", file.name),
-                Some(NAME_HINT),
-            );
-        }
-        let triggers = file.on.into_iter().map(|t| Trigger { ty: t.ty }).collect();
-        let inputs = file
-            .inputs
-            .into_iter()
-            .map(|(name, spec)| Input {
-                required: spec.default.is_none() && spec.required,
-                name,
-                ty: spec.ty,
-                default: spec.default,
-            })
-            .collect();
-
-        let mut index = HashMap::new();
-        for (i, step) in file.steps.iter().enumerate() {
-            if !is_name(&step.id) {
-                self.problem(
-                    format!("steps[{i}].id"),
-                    format!("`{}` is not a valid step id", step.id),
-                    Some(NAME_HINT),
-                );
-            }
-            if index.insert(step.id.as_str(), i).is_some() {
-                self.problem(
-                    format!("steps[{i}].id"),
-                    format!("step id `{}` is used twice", step.id),
-                    Some("give every step its own id"),
-                );
-            }
-        }
-        if file.steps.is_empty() {
-            self.problem("steps", "a workflow needs at least one step", None);
-        }
-
-        let mut steps = Vec::with_capacity(file.steps.len());
-        for (i, spec) in file.steps.iter().enumerate() {
-            if !baton_core_token(&spec.uses) {
-                self.problem(
-                    format!("steps[{i}].uses"),
-                    format!("`{}` is not a valid step kind", spec.uses),
-                    Some(NAME_HINT),
-                );
-            }
-            let needs = match &spec.needs {
-                // Without `needs`, a step runs after the one above it.
-                None => i.checked_sub(1).into_iter().collect(),
-                Some(names) => names
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(j, name)| {
-                        let found = index.get(name.as_str()).copied();
-                        if found.is_none() {
-                            self.problem(
-                                format!("steps[{i}].needs[{j}]"),
-                                format!("no step has the id `{name}`"),
-                                None,
-                            );
-                        }
-                        found
-                    })
-                    .collect(),
-            };
-            let with = self.template(&spec.with, &format!("steps[{i}].with"));
-            let condition =
-                spec.condition
-                    .as_deref()
-                    .and_then(|c| match Expr::compile(strip_braces(c)) {
-                        Ok(e) => Some(e),
-                        Err(e) => {
-                            self.problem(format!("steps[{i}].if"), e.to_string(), None);
-                            None
-                        }
-                    });
-            steps.push(Step {
-                id: spec.id.clone(),
-                kind: spec.uses.clone(),
-                with,
-                needs,
-                condition,
-            });
-        }
-        if let Some(cycle) = find_cycle(&steps) {
-            let names: Vec<_> = cycle.iter().map(|&i| steps[i].id.as_str()).collect();
-            self.problem(
-                "steps",
-                format!(
-                    "the steps depend on each other in a cycle: {}",
-                    names.join(" -> ")
-                ),
-                Some("remove one of these `needs`"),
-            );
-        }
-        let outputs = self.template(
-            &Value::Object(file.outputs.into_iter().collect()),
-            "outputs",
-        );
-        if !self.problems.is_empty() {
-            return Err(Problems(self.problems));
-        }
-        Ok(Workflow {
-            name: file.name,
-            description: file.description,
-            triggers,
-            inputs,
-            steps,
-            outputs,
-        })
-    }
-}
-
-const NAME_HINT: &str = "use letters, digits, `-` and `_`";
-
-fn is_name(s: &str) -> bool {
-    baton_core_token(s)
-}
-
-// Mirrors `baton_core::subjects::is_token`: names become NATS subject tokens and KV keys.
-fn baton_core_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// Whether `expr` has a path like `.steps.deploy-canary`, which jq parses as a subtraction.
-fn has_dashed_key(expr: &str) -> bool {
-    let b = expr.as_bytes();
-    (1..b.len().saturating_sub(1)).any(|i| {
-        b[i] == b'-' && b[i + 1].is_ascii_alphabetic() && b[i - 1].is_ascii_alphanumeric() && {
-            let word_start = expr[..i]
-                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(0);
-            b.get(word_start) == Some(&b'.')
-        }
-    })
-}
-
-/// `if:` may be written with or without `${{ }}`.
-fn strip_braces(s: &str) -> &str {
-    let t = s.trim();
-    t.strip_prefix("${{")
-        .and_then(|t| t.strip_suffix("}}"))
-        .map_or(t, str::trim)
-}
-
-/// A dependency cycle, as the list of steps around it, if there is one.
-fn find_cycle(steps: &[Step]) -> Option<Vec<usize>> {
-    // 0 = unvisited, 1 = on the current path, 2 = done.
-    fn visit(
-        i: usize,
-        steps: &[Step],
-        state: &mut [u8],
-        path: &mut Vec<usize>,
-    ) -> Option<Vec<usize>> {
-        state[i] = 1;
-        path.push(i);
-        for &n in &steps[i].needs {
-            if state[n] == 1 {
-                let start = path.iter().position(|&p| p == n).unwrap_or(0);
-                let mut cycle = path[start..].to_vec();
-                cycle.push(n);
-                return Some(cycle);
-            }
-            if state[n] == 0
-                && let Some(c) = visit(n, steps, state, path)
-            {
-                return Some(c);
-            }
-        }
-        path.pop();
-        state[i] = 2;
-        None
-    }
-    let mut state = vec![0u8; steps.len()];
-    (0..steps.len()).find_map(|i| {
-        if state[i] == 0 {
-            visit(i, steps, &mut state, &mut Vec::new())
-        } else {
-            None
-        }
-    })
+    compile::compile(source)
 }
 
 impl Workflow {
@@ -343,10 +519,14 @@ impl Workflow {
         for key in given.keys() {
             if !self.inputs.iter().any(|i| &i.name == key) {
                 let known: Vec<_> = self.inputs.iter().map(|i| i.name.as_str()).collect();
-                return Err(format!(
-                    "unknown input `{key}`; this workflow takes: {}",
-                    known.join(", ")
-                ));
+                return Err(if known.is_empty() {
+                    format!("unknown input `{key}`; this workflow takes no inputs")
+                } else {
+                    format!(
+                        "unknown input `{key}`; this workflow takes: {}",
+                        known.join(", ")
+                    )
+                });
             }
         }
         let mut out = serde_json::Map::new();
@@ -368,6 +548,11 @@ impl Workflow {
             }
         }
         Ok(Value::Object(out))
+    }
+
+    /// The index of the step with this id.
+    pub fn step(&self, id: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.id == id)
     }
 }
 

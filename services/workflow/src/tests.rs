@@ -29,7 +29,10 @@ fn compiles_a_workflow_into_a_graph() {
     assert_eq!(
         wf.triggers,
         vec![Trigger {
-            ty: "com.example.greeting".into()
+            ty: "com.example.greeting".into(),
+            source: None,
+            subject: None,
+            filter: None,
         }]
     );
     let needs: Vec<_> = wf
@@ -125,5 +128,9 @@ fn dashed_step_ids_in_jq_get_a_hint() {
             .contains(r#".steps["deploy-canary"]"#),
         "{problems:?}"
     );
-    assert!(!has_dashed_key(".a - 1") && !has_dashed_key("5-x") && has_dashed_key(".steps.a-b"));
+    assert!(
+        !compile::has_dashed_key(".a - 1")
+            && !compile::has_dashed_key("5-x")
+            && compile::has_dashed_key(".steps.a-b")
+    );
 }
