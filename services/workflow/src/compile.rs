@@ -253,7 +253,7 @@ impl<'s> Compiler<'s> {
                 "{what} must be a mapping of names to values, not {}",
                 node.kind()
             ),
-            None,
+            Some("write `name: value` lines, indented under the key"),
         );
         false
     }
@@ -266,7 +266,7 @@ impl<'s> Compiler<'s> {
                     node,
                     at,
                     format!("{what} must be a string, not {}", node.kind()),
-                    None,
+                    Some("quote the value to make it a string"),
                 );
                 None
             }
@@ -323,7 +323,7 @@ impl<'s> Compiler<'s> {
                     node,
                     at,
                     format!("{shown} is not a whole number from {min} to {max}"),
-                    None,
+                    Some(&format!("write a number such as `{}`", min.max(1))),
                 );
                 None
             }
@@ -338,7 +338,7 @@ impl<'s> Compiler<'s> {
                     node,
                     at,
                     format!("must be true or false, not {}", node.kind()),
-                    None,
+                    Some("write `true` or `false`, without quotes"),
                 );
                 None
             }
@@ -378,7 +378,7 @@ impl<'s> Compiler<'s> {
                     node,
                     at,
                     format!("{what} must be a list, not {}", node.kind()),
-                    None,
+                    Some("write `[a, b]`, or one `- item` per line"),
                 );
                 &[]
             }
@@ -449,7 +449,12 @@ impl<'s> Compiler<'s> {
             }
         };
         if text.is_empty() {
-            self.problem(node, at, "the expression is empty", None);
+            self.problem(
+                node,
+                at,
+                "the expression is empty",
+                Some("write a jq expression, such as `.inputs.ready`"),
+            );
             return None;
         }
         match self.batch.add(text) {
@@ -606,6 +611,13 @@ impl<'s> Compiler<'s> {
         })
     }
 
+    /// Step ids in file order.
+    fn sorted_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<(&str, usize)> = self.ids.iter().map(|(k, &v)| (k.as_str(), v)).collect();
+        ids.sort_by_key(|&(_, i)| i);
+        ids.into_iter().map(|(k, _)| k).collect()
+    }
+
     fn run_scope(&self) -> Scope {
         Scope {
             step: None,
@@ -729,11 +741,12 @@ impl<'s> Compiler<'s> {
                         n,
                         &spec_obj.path("default"),
                         format!(
-                            "the default of input `{}` must be a {ty}, not {}",
+                            "the default of input `{}` must be {}, not {}",
                             key.name,
+                            ty.with_article(),
                             n.kind()
                         ),
-                        None,
+                        Some("change the default, or the input's `type`"),
                     );
                 }
                 v
@@ -997,13 +1010,15 @@ impl<'s> Compiler<'s> {
                     }
                 }
                 None => {
-                    let hint = did_you_mean(name, self.ids.keys().map(String::as_str))
-                        .map(|g| format!("did you mean `{g}`?"));
+                    let hint = match did_you_mean(name, self.ids.keys().map(String::as_str)) {
+                        Some(g) => format!("did you mean `{g}`?"),
+                        None => format!("the step ids are: {}", self.sorted_ids().join(", ")),
+                    };
                     self.problem_at(
                         n.pos,
                         &at,
                         format!("`needs` names `{name}`, but no step has that id"),
-                        hint,
+                        Some(hint),
                     );
                 }
             }
@@ -1035,7 +1050,7 @@ impl<'s> Compiler<'s> {
                         n,
                         &obj.path("factor"),
                         "`factor` must be a number from 1 to 10",
-                        None,
+                        Some("each delay is the previous one times `factor`; 2 is usual"),
                     );
                     None
                 }
@@ -1107,7 +1122,7 @@ impl<'s> Compiler<'s> {
                         n,
                         &obj.path("jitter"),
                         "`jitter` must be a number from 0 to 1 (a fraction of the delay)",
-                        None,
+                        Some("`jitter: 0.2` varies each delay by up to 20% either way"),
                     );
                     ok = false;
                 }
@@ -1200,7 +1215,7 @@ impl<'s> Compiler<'s> {
                     n,
                     &obj.path("items"),
                     format!("`items` must be a list or an expression, not {}", n.kind()),
-                    None,
+                    Some("write a list, or an expression such as `${{ .inputs.hosts }}`"),
                 );
             }
             self.template(
@@ -1418,7 +1433,9 @@ impl<'s> Compiler<'s> {
                                 (None, Some(id)) => Some(format!(
                                     "jq reads `.steps.{id}` as `.steps.{key} - ...`: write `.steps[\"{id}\"]`"
                                 )),
-                                (None, None) => None,
+                                (None, None) => {
+                                    Some(format!("the step ids are: {}", ids.join(", ")))
+                                }
                             };
                             self.problem_at(
                                 p,
@@ -1503,7 +1520,9 @@ impl<'s> Compiler<'s> {
 
 /// What to do about an expression that does not compile.
 fn jq_hint(e: &CompileError) -> String {
-    if has_dashed_key(&e.expr) {
+    if e.message.contains("without a closing") {
+        "close the expression with `}}`".into()
+    } else if has_dashed_key(&e.expr) {
         "jq reads `.a-b` as `.a - b`: write keys with `-` as `.steps[\"deploy-canary\"]`".into()
     } else if e.message.contains("not allowed") {
         "see \"Expressions\" in docs/workflows.md for what expressions may use".into()

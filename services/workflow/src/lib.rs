@@ -167,6 +167,17 @@ impl InputType {
     }
 }
 
+impl InputType {
+    /// "a string", "an integer", "any value".
+    pub fn with_article(self) -> String {
+        match self {
+            InputType::Any => "any value".into(),
+            InputType::Integer | InputType::Object | InputType::Array => format!("an {self}"),
+            _ => format!("a {self}"),
+        }
+    }
+}
+
 impl fmt::Display for InputType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -537,8 +548,9 @@ impl Workflow {
                 }
                 Some(v) => {
                     return Err(format!(
-                        "input `{}` must be a {}, got {v}",
-                        input.name, input.ty
+                        "input `{}` must be {}, got {v}",
+                        input.name,
+                        input.ty.with_article()
                     ));
                 }
                 None if input.required => {

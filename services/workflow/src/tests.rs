@@ -134,3 +134,87 @@ fn dashed_step_ids_in_jq_get_a_hint() {
             && compile::has_dashed_key(".steps.a-b")
     );
 }
+
+/// The problems of a file as `line:column: message`, in order.
+fn problem_lines(src: &str) -> Vec<String> {
+    match compile(src) {
+        Ok(_) => vec![],
+        Err(p) => {
+            p.0.iter()
+                .map(|p| format!("{}:{}: {}", p.line, p.column, p.message))
+                .collect()
+        }
+    }
+}
+
+/// Every file in `tests/invalid/` says, in lines `# expect: LINE:COLUMN: MESSAGE` at its end, the
+/// exact problems it has; the compiler must report exactly those, in that order, each with a hint.
+#[test]
+fn the_invalid_corpus_reports_exact_locations_and_messages() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 30, "the corpus has {} files", files.len());
+    let mut failures = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        // JSON has no comments: its expectations are in a sidecar file.
+        let expectations = if file.extension().is_some_and(|e| e == "json") {
+            std::fs::read_to_string(file.with_extension("expect")).unwrap()
+        } else if file.extension().is_some_and(|e| e == "expect") {
+            continue;
+        } else {
+            text.clone()
+        };
+        let expected: Vec<String> = expectations
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .map(str::to_owned)
+            .collect();
+        let name = file.file_name().unwrap().to_string_lossy();
+        assert!(!expected.is_empty(), "{name} has no `# expect:` line");
+        let actual = problem_lines(&text);
+        if let Err(problems) = compile(&text)
+            && let Some(p) = problems.0.iter().find(|p| p.hint.is_none())
+        {
+            failures.push(format!("{name}: no hint for {p}"));
+        }
+        if actual != expected {
+            failures.push(format!(
+                "{name}:\n  expected:\n    {}\n  actual:\n    {}",
+                expected.join("\n    "),
+                actual.join("\n    ")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Prints the problems of every corpus file (for writing expectations): `cargo test -p
+/// baton-workflow print_corpus -- --ignored --nocapture`.
+#[test]
+#[ignore = "a tool for writing the corpus, not a test"]
+fn print_corpus() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for file in files {
+        if file.extension().is_some_and(|e| e == "expect") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        println!("== {}", file.file_name().unwrap().to_string_lossy());
+        if let Err(p) = compile(&text) {
+            for p in p.0 {
+                println!("# expect: {}:{}: {}", p.line, p.column, p.message);
+                println!("     hint: {:?}  at: {}", p.hint, p.at);
+            }
+        }
+    }
+}
