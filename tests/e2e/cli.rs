@@ -172,8 +172,18 @@ async fn baton_dev_serves_until_ctrl_c_then_stops_everything_cleanly() {
             && banner.contains("started by com.github.release.published"),
         "{banner}"
     );
-    let health = tokio::net::TcpStream::connect(("127.0.0.1", http_port)).await;
-    assert!(health.is_ok(), "the gateway listens on {http_port}");
+    let mut listening = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", http_port))
+            .await
+            .is_ok()
+        {
+            listening = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(listening, "the gateway listens on {http_port}");
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(dev.id() as i32),

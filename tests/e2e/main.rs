@@ -1,7 +1,9 @@
 //! End-to-end tests against real nats-server and `baton` processes.
 
+mod catalogue;
 mod cli;
 mod harness;
+mod interop;
 mod slice;
 
 use std::time::{Duration, Instant};

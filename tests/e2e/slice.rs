@@ -129,6 +129,7 @@ async fn an_event_on_nats_starts_a_run_whose_steps_chain_to_success() {
     let events = crate::journal(&bus, &run_id).await;
     assert_eq!(count(&events, |e| matches!(e, RunEvent::Requested(_))), 1);
     assert_eq!(count(&events, |e| matches!(e, RunEvent::Succeeded(_))), 1);
+    assert!(crate::catalogue::assert_catalogue(&bus).await > 0);
 }
 
 #[tokio::test]
@@ -172,6 +173,7 @@ async fn a_run_survives_kill_9_of_baton_mid_step_and_records_each_completion_onc
         );
     }
     assert_eq!(count(&events, |e| matches!(e, RunEvent::Succeeded(_))), 1);
+    assert!(crate::catalogue::assert_catalogue(&bus).await > 0);
 }
 
 #[tokio::test]
@@ -203,4 +205,5 @@ async fn a_run_survives_kill_9_between_steps_and_a_restart_of_the_server() {
         count(&events, |e| matches!(e, RunEvent::StepCompleted(_))),
         2
     );
+    assert!(crate::catalogue::assert_catalogue(&bus2).await > 0);
 }

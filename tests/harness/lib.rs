@@ -260,6 +260,7 @@ impl Cluster {
 /// A `baton` process, killed on drop.
 pub struct BatonProcess {
     child: Option<Child>,
+    env: Vec<(String, String)>,
     args: Vec<String>,
     log: PathBuf,
     _dir: TempDir,
@@ -268,12 +269,21 @@ pub struct BatonProcess {
 impl BatonProcess {
     /// Starts `baton <args>`; its stderr goes to a log file shown by [`log`](Self::log).
     pub fn start(args: &[&str]) -> BatonProcess {
+        BatonProcess::start_with_env(args, &[])
+    }
+
+    /// Starts `baton <args>` with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> BatonProcess {
         let dir = tempfile::Builder::new()
             .prefix("baton-proc-")
             .tempdir()
             .expect("temp dir");
         let mut p = BatonProcess {
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             args: args.iter().map(|s| s.to_string()).collect(),
             log: dir.path().join("baton.log"),
             _dir: dir,
@@ -291,6 +301,7 @@ impl BatonProcess {
         let child = Command::new(baton_binary())
             .args(&self.args)
             .env("BATON_LOG", "info,async_nats=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -322,6 +333,63 @@ impl Drop for BatonProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Python packages for the interop tests, installed once (pinned) under `.baton/python/`.
+pub const PYTHON_PACKAGES: &[&str] = &["cloudevents==2.2.0", "nats-py==2.16.0"];
+
+/// The directory holding [`PYTHON_PACKAGES`] (use it as `PYTHONPATH`), installed on first use with
+/// pip into a staging directory that is then renamed, so parallel tests never see half an install.
+pub fn python_packages() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = workspace_root().join(".baton").join("python");
+        let dir = root.join(PYTHON_PACKAGES.join("+"));
+        if dir.is_dir() {
+            return dir;
+        }
+        std::fs::create_dir_all(&root).expect("create .baton/python");
+        let staging = root.join(format!(".staging-{}", std::process::id()));
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&staging)
+            .args(PYTHON_PACKAGES)
+            .output()
+            .expect("run python3 -m pip");
+        assert!(
+            out.status.success(),
+            "pip install {PYTHON_PACKAGES:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if std::fs::rename(&staging, &dir).is_err() {
+            let _ = std::fs::remove_dir_all(&staging);
+        }
+        dir
+    })
+    .clone()
+}
+
+/// Runs a Python script of `tests/interop/` with the interop packages; returns its stdout.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(workspace_root().join("tests/interop").join(script))
+        .args(args)
+        .env("PYTHONPATH", python_packages())
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs `baton <args>` to completion and returns (success, stdout, stderr).

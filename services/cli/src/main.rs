@@ -1,5 +1,6 @@
 //! `baton`: the command-line tool. Runs the dev stack and each service, and talks to a running Baton.
 
+mod deadletters;
 mod dev;
 mod runs;
 mod server;
@@ -31,10 +32,15 @@ struct Cli {
 #[derive(Args, Clone)]
 struct Nats {
     /// The NATS server (JetStream enabled, version 2.12 or newer).
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     nats_url: String,
     /// Stream replicas when Baton creates its streams: 1 on a single server, 3 on a cluster.
-    #[arg(long, env = "BATON_REPLICAS", default_value_t = 1)]
+    #[arg(long, global = true, env = "BATON_REPLICAS", default_value_t = 1)]
     replicas: usize,
 }
 
@@ -88,6 +94,13 @@ enum Command {
         /// Seconds without progress after which a step request goes to another runner.
         #[arg(long, default_value_t = 30)]
         runner_ack_wait: u64,
+    },
+    /// Inspect and re-publish dead letters: input Baton rejected, with the reason.
+    Deadletters {
+        #[command(subcommand)]
+        command: deadletters::Command,
+        #[command(flatten)]
+        nats: Nats,
     },
     /// Run the saga coordinator.
     Coordinator {
@@ -263,6 +276,12 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             let shutdown = baton_core::shutdown::on_signal();
             baton_gateway::run(bus, baton_gateway::Options { listen: Some(http) }, shutdown)
                 .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deadletters { command, nats } => {
+            telemetry::init(format, "warn");
+            let bus = nats.connect("baton-cli").await?;
+            deadletters::run(&bus, command).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::NatsServer => {

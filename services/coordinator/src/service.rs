@@ -352,26 +352,7 @@ impl Partition {
     }
 
     async fn reject(&self, message: jetstream::Message, reason: &str) {
-        let stored = dlq::publish(
-            &self.bus.js,
-            "coordinator",
-            message.subject.as_str(),
-            message.headers.as_ref(),
-            message.payload.clone(),
-            reason,
-        )
-        .await;
-        match stored {
-            Ok(()) => {
-                let _ = message.ack_with(AckKind::Term).await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot write a dead letter; the event will be redelivered");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
-            }
-        }
+        dlq::reject(&self.bus.js, "coordinator", &message, reason).await;
     }
 }
 

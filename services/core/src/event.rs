@@ -4,6 +4,7 @@
 //! process that repeats work after a crash republishes the same ids, which JetStream de-duplicates.
 
 use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -23,14 +24,14 @@ pub mod types {
 }
 
 /// A workflow version, as pinned by a run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WorkflowRef {
     pub name: String,
     pub version: u64,
 }
 
 /// The external event that started a run, as the run's input sees it (`.event` in expressions).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Trigger {
     pub id: String,
     pub source: String,
@@ -42,7 +43,8 @@ pub struct Trigger {
     pub data: Value,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Data of `dev.baton.run.requested`: start a run of a pinned workflow version.
 pub struct RunRequested {
     pub run_id: String,
     pub workflow: WorkflowRef,
@@ -52,7 +54,8 @@ pub struct RunRequested {
     pub trigger: Option<Trigger>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Data of `dev.baton.step.requested`: execute one attempt of a step.
 pub struct StepRequested {
     pub run_id: String,
     pub step: String,
@@ -67,7 +70,8 @@ pub struct StepRequested {
     pub timeout_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Data of `dev.baton.step.completed`: an attempt succeeded with these outputs.
 pub struct StepCompleted {
     pub run_id: String,
     pub step: String,
@@ -78,14 +82,15 @@ pub struct StepCompleted {
     pub duration_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct StepError {
     pub message: String,
     /// `false` for a permanent error: no further attempt is made.
     pub retryable: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Data of `dev.baton.step.failed`: an attempt failed.
 pub struct StepFailed {
     pub run_id: String,
     pub step: String,
@@ -94,14 +99,16 @@ pub struct StepFailed {
     pub runner: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Data of `dev.baton.run.succeeded`: the run ended with these outputs.
 pub struct RunSucceeded {
     pub run_id: String,
     #[serde(default)]
     pub output: Value,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Data of `dev.baton.run.failed`: the run ended in failure.
 pub struct RunFailed {
     pub run_id: String,
     pub error: String,
@@ -109,7 +116,8 @@ pub struct RunFailed {
     pub step: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Data of `dev.baton.run.cancel-requested`: stop a run.
 pub struct CancelRequested {
     pub run_id: String,
     #[serde(default)]

@@ -8,6 +8,7 @@
 //! - [`shutdown`] and [`telemetry`]: one shutdown path and logging set-up for every service.
 
 pub mod binding;
+pub mod catalogue;
 pub mod connect;
 pub mod dlq;
 pub mod event;

@@ -113,22 +113,7 @@ impl Triggers {
         let event = match binding::decode(message.headers.as_ref(), &message.payload) {
             Ok(e) => e,
             Err(e) => {
-                let stored = dlq::publish(
-                    &self.bus.js,
-                    "ingress",
-                    &message.subject,
-                    message.headers.as_ref(),
-                    message.payload.clone(),
-                    &e.to_string(),
-                )
-                .await;
-                let _ = message
-                    .ack_with(if stored.is_ok() {
-                        AckKind::Term
-                    } else {
-                        AckKind::Nak(None)
-                    })
-                    .await;
+                dlq::reject(&self.bus.js, "ingress", &message, &e.to_string()).await;
                 return;
             }
         };

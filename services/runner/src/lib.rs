@@ -189,22 +189,7 @@ impl Worker {
         let (request, trace) = match decoded {
             Ok(d) => d,
             Err(reason) => {
-                let stored = dlq::publish(
-                    &self.bus.js,
-                    "runner",
-                    &message.subject,
-                    message.headers.as_ref(),
-                    message.payload.clone(),
-                    &reason,
-                )
-                .await;
-                let _ = message
-                    .ack_with(if stored.is_ok() {
-                        AckKind::Term
-                    } else {
-                        AckKind::Nak(None)
-                    })
-                    .await;
+                dlq::reject(&self.bus.js, "runner", &message, &reason).await;
                 return;
             }
         };
