@@ -11,9 +11,9 @@ use crate::expr::{Batch, CompileError, Expr, Reference, Template, split_template
 use crate::graph;
 use crate::yaml::{self, Key, Node, Pos, Source, Yaml};
 use crate::{
-    Action, Approval, Backoff, Builtin, Call, Compensation, Concurrency, ForEach, Input, InputType,
-    OnConflict, OnFailure, Pattern, Problem, Problems, Retry, RetryOn, Step, Trigger, Uses, Wait,
-    Workflow,
+    Action, Approval, Backoff, Builtin, Call, Compensation, Concurrency, Expect, ForEach, Input,
+    InputType, OnConflict, OnFailure, Pattern, Problem, Problems, Retry, RetryOn, Step, Trigger,
+    Uses, Wait, Workflow,
 };
 
 /// The keys of each mapping in the format. `schemas/workflow.schema.json` has the same lists (a
@@ -57,8 +57,15 @@ pub(crate) const COMPENSATE_KEYS: &[&str] = &["uses", "with", "retry", "timeout"
 pub(crate) const FOR_EACH_KEYS: &[&str] = &["items", "parallelism"];
 pub(crate) const CONCURRENCY_KEYS: &[&str] = &["key", "limit", "on-conflict"];
 pub(crate) const SLEEP_KEYS: &[&str] = &["duration"];
-pub(crate) const WAIT_KEYS: &[&str] =
-    &["event", "source", "subject", "key", "event-key", "timeout"];
+pub(crate) const WAIT_KEYS: &[&str] = &[
+    "event",
+    "source",
+    "subject",
+    "key",
+    "event-key",
+    "timeout",
+    "expect",
+];
 pub(crate) const APPROVAL_KEYS: &[&str] = &["message", "approvers", "timeout"];
 pub(crate) const WORKFLOW_CALL_KEYS: &[&str] = &["name", "version", "inputs"];
 
@@ -1300,7 +1307,17 @@ impl<'s> Compiler<'s> {
                 let timeout = obj
                     .get("timeout")
                     .and_then(|n| self.duration(n, &obj.path("timeout")));
+                let expect = match obj.get("expect") {
+                    Some(n) => self.choice(
+                        n,
+                        &obj.path("expect"),
+                        "`expect`",
+                        &[("event", Expect::Event), ("timeout", Expect::Timeout)],
+                    ),
+                    None => Some(Expect::Event),
+                };
                 Some(Action::Wait(Wait {
+                    expect: expect?,
                     event: event?,
                     source,
                     subject,

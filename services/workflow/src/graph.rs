@@ -92,6 +92,13 @@ fn describe_uses(step: &Step) -> String {
     }
 }
 
+fn describe_compensation(c: &crate::Compensation) -> String {
+    match c.uses {
+        Uses::Service => format!("service/{}", c.kind),
+        Uses::Builtin(_) => c.kind.clone(),
+    }
+}
+
 /// The workflow as a Mermaid flowchart: steps, `needs` as arrows, `if` on the arrows into a
 /// conditional step, compensations as dotted arrows.
 pub fn mermaid(wf: &Workflow) -> String {
@@ -114,7 +121,7 @@ pub fn mermaid(wf: &Workflow) -> String {
             }
         }
         if let Some(c) = &step.compensate {
-            let text = format!("undo {}\\n{}", step.id, c.kind).replace("\\n", "<br/>");
+            let text = format!("undo {}<br/>{}", step.id, describe_compensation(c));
             let _ = writeln!(out, "  c{i}[/\"{text}\"/]");
             let _ = writeln!(out, "  {} -.->|compensate| c{i}", node(i));
         }
@@ -150,7 +157,7 @@ pub fn dot(wf: &Workflow) -> String {
                 out,
                 "  c{i} [label=\"undo {}\\n{}\", shape=parallelogram];",
                 esc(&step.id),
-                esc(&c.kind)
+                esc(&describe_compensation(c))
             );
             let _ = writeln!(out, "  s{i} -> c{i} [style=dashed, label=\"compensate\"];");
         }

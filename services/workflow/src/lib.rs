@@ -301,11 +301,12 @@ pub enum Action {
     Workflow(Call),
 }
 
-/// Waiting for a CloudEvent. The step completes with `{"timed_out": false, "event": <event>}`
-/// when an event of type `event` arrives whose `event_key` equals the value of `key` (evaluated
-/// when the wait starts), or with `{"timed_out": true}` after `timeout`.
+/// Waiting for a CloudEvent: one of type `event` (and matching `source` and `subject`) whose
+/// `event_key` equals the value of `key`, evaluated when the wait starts. What counts as success is
+/// `expect`.
 #[derive(Debug, Clone)]
 pub struct Wait {
+    pub expect: Expect,
     pub event: String,
     pub source: Option<Pattern>,
     pub subject: Option<Pattern>,
@@ -314,6 +315,18 @@ pub struct Wait {
     /// Over each candidate event (a CloudEvent as JSON).
     pub event_key: Expr,
     pub timeout: Duration,
+}
+
+/// The outcome a wait hopes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Expect {
+    /// The event: the step completes with outputs `{"event": <the CloudEvent>}`; when `timeout`
+    /// passes first, it fails with a `timeout` error.
+    #[default]
+    Event,
+    /// No event: the step completes with outputs `{"event": null}` when `timeout` passes; an event
+    /// that arrives first fails it with the error code `event-received`.
+    Timeout,
 }
 
 #[derive(Debug, Clone)]

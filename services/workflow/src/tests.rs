@@ -1,5 +1,6 @@
 use super::*;
 use serde_json::json;
+use std::time::Duration;
 
 const HELLO: &str = r#"
 name: hello
@@ -100,6 +101,195 @@ fn unknown_keys_and_yaml_errors_are_problems() {
     let err = compile("name: x\nstepz: []\n").unwrap_err().to_string();
     assert!(err.contains("stepz"), "{err}");
     assert!(compile("name: [\n").is_err());
+}
+
+fn example(name: &str) -> Workflow {
+    let path = format!(
+        "{}/../../docs/examples/{name}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    compile(&text).unwrap_or_else(|p| panic!("{name}:\n{p}"))
+}
+
+/// (id, kind, needs) of every step.
+fn shape(wf: &Workflow) -> Vec<(&str, &str, Vec<&str>)> {
+    wf.steps
+        .iter()
+        .map(|s| {
+            let needs = s.needs.iter().map(|&n| wf.steps[n].id.as_str()).collect();
+            (s.id.as_str(), s.kind.as_str(), needs)
+        })
+        .collect()
+}
+
+#[test]
+fn the_release_pipeline_compiles_to_its_graph() {
+    let wf = example("release-pipeline");
+    assert_eq!(
+        shape(&wf),
+        vec![
+            ("build", "http", vec![]),
+            ("deploy-canary", "deployer", vec!["build"]),
+            ("verify", "wait", vec!["deploy-canary"]),
+            ("promote", "deployer", vec!["verify"]),
+            ("announce", "cloudevent", vec!["promote"]),
+        ]
+    );
+    let t = &wf.triggers[0];
+    assert_eq!(t.ty, "com.github.release.published");
+    let release = json!({
+        "type": "com.github.release.published",
+        "source": "https://api.github.com/repos/baton-dev/baton",
+        "data": {"release": {"prerelease": false}},
+    });
+    assert!(t.matches(&release).unwrap());
+    let mut pre = release.clone();
+    pre["data"]["release"]["prerelease"] = json!(true);
+    assert!(!t.matches(&pre).unwrap(), "prereleases are filtered out");
+    let mut other = release.clone();
+    other["source"] = json!("https://gitlab.example.com/x");
+    assert!(!t.matches(&other).unwrap(), "the source pattern applies");
+
+    let build = &wf.steps[0];
+    assert_eq!(build.uses, Uses::Builtin(Builtin::Http));
+    assert_eq!(build.timeout, Some(Duration::from_secs(1800)));
+    assert_eq!(build.retry.attempts, 3);
+    assert_eq!(build.retry.backoff, Backoff::Exponential { factor: 2.0 });
+    assert_eq!(build.retry.delay(1, 0.5), Duration::from_secs(10));
+    assert_eq!(build.retry.delay(2, 0.5), Duration::from_secs(20));
+    assert_eq!(
+        build.retry.delay(9, 0.5),
+        Duration::from_secs(120),
+        "capped"
+    );
+    assert_eq!(
+        build.retry.delay(1, 0.0),
+        Duration::from_secs(8),
+        "jitter 0.2"
+    );
+    assert!(build.retry.retries(&ErrorClass::Timeout));
+    assert!(!build.retry.retries(&ErrorClass::Permanent { code: None }));
+    let ctx = expr::to_val(&json!({"result": {"body": {"image": "img:1"}}}));
+    assert_eq!(
+        build.outputs.as_ref().unwrap().eval(&ctx).unwrap(),
+        json!({"image": "img:1"})
+    );
+
+    let canary = &wf.steps[1];
+    assert_eq!(canary.uses, Uses::Service);
+    let undo = canary.compensate.as_ref().unwrap();
+    assert_eq!((undo.kind.as_str(), undo.retry.attempts), ("deployer", 5));
+    let Action::Wait(wait) = &wf.steps[2].action else {
+        panic!("verify waits")
+    };
+    assert_eq!(wait.expect, Expect::Timeout);
+    assert_eq!(wait.timeout, Duration::from_secs(900));
+    assert_eq!(wait.event, "io.prometheus.alertmanager.alert.firing");
+    let alert = expr::to_val(&json!({"data": {"labels": {"service": "baton"}}}));
+    assert_eq!(wait.event_key.eval(&alert).unwrap(), json!("baton"));
+    assert_eq!(wf.steps[4].on_failure, OnFailure::Continue);
+    assert_eq!(wf.timeout, Some(Duration::from_secs(7200)));
+    let c = wf.concurrency.as_ref().unwrap();
+    assert_eq!((c.limit, c.on_conflict), (1, OnConflict::Queue));
+    assert_eq!(
+        wf.resolve_input(&json!({})).unwrap(),
+        json!({"environment": "production", "canary_percent": 5})
+    );
+    let mermaid = graph::mermaid(&wf);
+    assert!(mermaid.contains("s1 -.->|compensate| c1"), "{mermaid}");
+    let dot = graph::dot(&wf);
+    assert!(
+        dot.starts_with("digraph \"release-pipeline\"") && dot.contains("s2 -> s3;"),
+        "{dot}"
+    );
+}
+
+#[test]
+fn the_alert_remediation_compiles_to_its_graph() {
+    let wf = example("alert-remediation");
+    assert_eq!(
+        shape(&wf),
+        vec![
+            ("diagnose", "http", vec![]),
+            ("remediate", "exec", vec!["diagnose"]),
+            ("resolved", "wait", vec!["remediate"]),
+            ("escalate", "http", vec!["resolved"]),
+        ]
+    );
+    let each = wf.steps[0].for_each.as_ref().unwrap();
+    assert_eq!(each.parallelism, 4);
+    let ctx = expr::to_val(
+        &json!({"event": {"data": {"labels": {"instance": "a:1"}, "annotations": {}}}}),
+    );
+    assert_eq!(each.items.eval(&ctx).unwrap(), json!(["a:1"]));
+    let Action::Wait(wait) = &wf.steps[2].action else {
+        panic!("resolved waits")
+    };
+    assert_eq!(
+        (wait.expect, wait.timeout),
+        (Expect::Event, Duration::from_secs(1800))
+    );
+    assert_eq!(wf.steps[2].on_failure, OnFailure::Continue);
+    let condition = wf.steps[3].condition.as_ref().unwrap();
+    let ctx = |status: &str| expr::to_val(&json!({"steps": {"resolved": {"status": status}}}));
+    assert!(condition.truthy(&ctx("failed")).unwrap());
+    assert!(!condition.truthy(&ctx("completed")).unwrap());
+    assert_eq!(wf.steps[3].retry.on, vec![RetryOn::Any]);
+    let c = wf.concurrency.as_ref().unwrap();
+    assert_eq!((c.limit, c.on_conflict), (1, OnConflict::Skip));
+    let key = c.key.eval(&expr::to_val(
+        &json!({"event": {"data": {"fingerprint": "cca51dbc6694a268"}}}),
+    ));
+    assert_eq!(key.unwrap(), json!("cca51dbc6694a268"));
+    let critical = json!({"type": "io.prometheus.alertmanager.alert.firing", "source": "am", "data": {"labels": {"severity": "critical"}}});
+    let warning = json!({"type": "io.prometheus.alertmanager.alert.firing", "source": "am", "data": {"labels": {"severity": "warning"}}});
+    assert!(wf.triggers[0].matches(&critical).unwrap());
+    assert!(!wf.triggers[0].matches(&warning).unwrap());
+}
+
+#[test]
+fn the_order_saga_compiles_to_its_graph() {
+    let wf = example("order-saga");
+    assert_eq!(
+        shape(&wf),
+        vec![
+            ("reserve", "inventory", vec![]),
+            ("charge", "payments", vec!["reserve"]),
+            ("ship", "shipping", vec!["charge"]),
+            ("confirm", "emit", vec!["ship"]),
+        ]
+    );
+    let undo: Vec<_> = wf
+        .steps
+        .iter()
+        .map(|s| s.compensate.as_ref().map(|c| c.kind.as_str()))
+        .collect();
+    assert_eq!(
+        undo,
+        vec![Some("inventory"), Some("payments"), Some("shipping"), None]
+    );
+    let ctx = expr::to_val(&json!({
+        "event": {"data": {"order_id": "o-1", "customer_id": "c", "items": [
+            {"sku": "a", "quantity": 2, "price": 5}, {"sku": "b", "quantity": 1, "price": 7}]}},
+        "steps": {"reserve": {"outputs": {"reservation_id": "r-1"}}}
+    }));
+    let charge = wf.steps[1].with.eval(&ctx).unwrap();
+    assert_eq!(charge["amount"], json!(17));
+    assert_eq!(charge["currency"], json!("EUR"));
+    assert_eq!(charge["idempotency_key"], json!("order-o-1"));
+    let release = wf.steps[0]
+        .compensate
+        .as_ref()
+        .unwrap()
+        .with
+        .eval(&ctx)
+        .unwrap();
+    assert_eq!(
+        release,
+        json!({"action": "release", "reservation_id": "r-1"})
+    );
+    assert_eq!(wf.steps[1].retry.jitter, 0.1);
 }
 
 #[test]
