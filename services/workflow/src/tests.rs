@@ -408,3 +408,72 @@ fn print_corpus() {
         }
     }
 }
+
+/// `schemas/workflow.schema.json` (for editors) and the compiler know the same keys and names.
+#[test]
+fn the_json_schema_has_the_keys_the_compiler_knows() {
+    use crate::compile::*;
+    let schema: Value =
+        serde_json::from_str(include_str!("../../../schemas/workflow.schema.json")).unwrap();
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no properties in {v}"))
+            .keys()
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    };
+    let sorted = |k: &[&str]| -> Vec<String> {
+        let mut k: Vec<String> = k.iter().map(|s| s.to_string()).collect();
+        k.sort();
+        k
+    };
+    let defs = &schema["$defs"];
+    assert_eq!(keys(&schema), sorted(WORKFLOW_KEYS));
+    assert_eq!(keys(&defs["step"]), sorted(STEP_KEYS));
+    assert_eq!(keys(&defs["trigger"]["oneOf"][1]), sorted(TRIGGER_KEYS));
+    assert_eq!(keys(&defs["input"]["oneOf"][1]), sorted(INPUT_KEYS));
+    assert_eq!(keys(&defs["retry"]["oneOf"][1]), sorted(RETRY_KEYS));
+    assert_eq!(keys(&defs["compensate"]), sorted(COMPENSATE_KEYS));
+    assert_eq!(keys(&defs["for-each"]), sorted(FOR_EACH_KEYS));
+    assert_eq!(
+        keys(&schema["properties"]["concurrency"]),
+        sorted(CONCURRENCY_KEYS)
+    );
+    for (kind, expected) in [
+        ("sleep", SLEEP_KEYS),
+        ("wait", WAIT_KEYS),
+        ("approval", APPROVAL_KEYS),
+        ("workflow", WORKFLOW_CALL_KEYS),
+    ] {
+        let rule = defs["step"]["allOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["if"]["properties"]["uses"]["const"] == kind)
+            .unwrap_or_else(|| panic!("no rule for {kind}"));
+        assert_eq!(
+            keys(&rule["then"]["properties"]["with"]),
+            sorted(expected),
+            "{kind}"
+        );
+    }
+    let kinds: Vec<&str> = defs["uses"]["anyOf"][0]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let builtins: Vec<&str> = Builtin::ALL.iter().map(|b| b.name()).collect();
+    assert_eq!(kinds, builtins);
+    let types: Vec<&str> = defs["input"]["oneOf"][1]["properties"]["type"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let known: Vec<&str> = InputType::ALL.iter().map(|(n, _)| *n).collect();
+    assert_eq!(types, known);
+}
