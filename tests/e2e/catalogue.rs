@@ -72,7 +72,7 @@ pub async fn assert_catalogue(bus: &Bus) -> usize {
                 file.display()
             );
             assert!(
-                ce.extension("traceparent").is_some() || ce.ty() == baton_core::dlq::TYPE,
+                ce.extension("traceparent").is_some(),
                 "{} {} has no traceparent",
                 ce.ty(),
                 ce.id()

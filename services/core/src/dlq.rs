@@ -12,6 +12,7 @@ use cloudevents::{EventBuilder, EventBuilderV10};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::trace::Trace;
 use crate::{binding, subjects};
 
 pub const TYPE: &str = "dev.baton.deadletter";
@@ -60,6 +61,28 @@ impl DeadLetter {
         }
     }
 
+    /// The trace of the original (its `ce-traceparent` and `ce-tracestate` headers) when it has a
+    /// valid one, so the dead letter stays in the trace of what was rejected; else a new trace.
+    pub fn trace(&self) -> Trace {
+        let values = |name: &str| -> Vec<String> {
+            let found = self
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name));
+            found
+                .map(|(_, v)| {
+                    v.iter()
+                        .filter_map(|v| binding::percent_decode(v).ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let (parents, states) = (values("ce-traceparent"), values("ce-tracestate"));
+        let parents: Vec<&str> = parents.iter().map(String::as_str).collect();
+        let states: Vec<&str> = states.iter().map(String::as_str).collect();
+        Trace::parse(&parents, &states).unwrap_or_default()
+    }
+
     /// The original bytes.
     pub fn payload(&self) -> Vec<u8> {
         BASE64.decode(&self.payload_base64).unwrap_or_default()
@@ -86,7 +109,8 @@ impl DeadLetter {
 /// sequence), so that a redelivered original does not make a second dead letter.
 pub async fn publish(js: &jetstream::Context, id: &str, letter: &DeadLetter) -> Result<(), String> {
     tracing::warn!(origin = %letter.origin, subject = %letter.subject, reason = %letter.reason, "rejected a message to the dead-letter stream");
-    let event = EventBuilderV10::new()
+    let trace = letter.trace();
+    let mut builder = EventBuilderV10::new()
         .id(id)
         .source(format!("baton/{}", letter.origin))
         .ty(TYPE)
@@ -96,8 +120,11 @@ pub async fn publish(js: &jetstream::Context, id: &str, letter: &DeadLetter) -> 
             "application/json",
             serde_json::to_value(letter).map_err(|e| e.to_string())?,
         )
-        .build()
-        .map_err(|e| e.to_string())?;
+        .extension("traceparent", trace.traceparent());
+    if let Some(state) = &trace.state {
+        builder = builder.extension("tracestate", state.as_str());
+    }
+    let event = builder.build().map_err(|e| e.to_string())?;
     let (headers, body) = binding::encode(&event);
     js.publish_with_headers(
         format!("{}.{}", subjects::DLQ, letter.origin),
