@@ -4,6 +4,7 @@ mod deadletters;
 mod dev;
 mod runs;
 mod server;
+mod workflows;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,6 +72,17 @@ enum Command {
         timeout: u64,
         #[command(flatten)]
         nats: Nats,
+    },
+    /// Check workflow files and print every problem as file:line:column, with a hint. Exit code 0:
+    /// all valid; 1: problems found; 2: a file could not be read. Needs no NATS server.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Workflows in the registry: list, show, versions, graph, enable, disable, delete.
+    Workflows {
+        #[command(subcommand)]
+        command: workflows::Command,
     },
     /// Store workflow files in the registry as new versions (unchanged files make no version).
     Apply {
@@ -204,11 +216,12 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
         }
         Command::Apply { files, nats } => {
             telemetry::init(format, "warn");
-            let bus = nats.connect("baton-cli").await?;
-            for file in files {
-                runs::apply_file(&bus, &file).await?;
-            }
-            Ok(ExitCode::SUCCESS)
+            workflows::apply(&files, &nats).await
+        }
+        Command::Validate { files } => Ok(workflows::validate(&files)),
+        Command::Workflows { command } => {
+            telemetry::init(format, "warn");
+            workflows::run(command).await
         }
         Command::Runs {
             command: RunsCommand::Show { id, nats },

@@ -3,6 +3,12 @@
 //! `<name>.v<version>` holds one immutable version (its source text); `<name>.head` names the latest
 //! version and its digest. Applying identical content creates no version. Runs name the version
 //! they started with and are executed with it until they end.
+//!
+//! Disabling a workflow clears `enabled` in its head: events no longer start runs of it, runs in
+//! flight go on. Deleting it removes the head (it is no longer listed or triggered) and keeps the
+//! versions, which runs in flight still read; `purge` removes the versions too. A workflow applied
+//! again after a delete continues the version numbers, so a version number never names two
+//! different contents.
 
 use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
@@ -43,6 +49,16 @@ pub fn digest(source: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// One stored version of a workflow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub version: u64,
+    /// Hex SHA-256 of its source.
+    pub digest: String,
+    /// When it was stored, in seconds since the Unix epoch.
+    pub created_unix: i64,
 }
 
 /// The registry, a thin typed view of the KV bucket.
@@ -91,7 +107,15 @@ impl Registry {
         {
             return Ok((head.version, false));
         }
-        let version = head.as_ref().map_or(1, |h| h.version + 1);
+        let version = match &head {
+            Some(h) => h.version + 1,
+            // After a delete, versions may remain: never reuse their numbers.
+            None => self
+                .versions(name)
+                .await?
+                .last()
+                .map_or(1, |v| v.version + 1),
+        };
         // The version key is written first: a head never names a version that does not exist.
         self.kv
             .put(format!("{name}.v{version}"), source.to_owned().into())
@@ -132,6 +156,114 @@ impl Registry {
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
         Ok(value.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    /// The head of one workflow, with its KV revision (for compare-and-set updates).
+    async fn head_entry(&self, name: &str) -> Result<Option<(Head, u64)>, Error> {
+        let entry = self
+            .kv
+            .entry(format!("{name}.head"))
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        match entry.filter(|e| e.operation == kv::Operation::Put) {
+            Some(entry) => {
+                let head: Head =
+                    serde_json::from_slice(&entry.value).map_err(|e| Error::Corrupt {
+                        name: name.to_owned(),
+                        reason: e.to_string(),
+                    })?;
+                Ok(Some((head, entry.revision)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The head of one workflow, if it exists.
+    pub async fn head(&self, name: &str) -> Result<Option<Head>, Error> {
+        Ok(self.head_entry(name).await?.map(|(h, _)| h))
+    }
+
+    /// Every stored version of a workflow, oldest first.
+    pub async fn versions(&self, name: &str) -> Result<Vec<Version>, Error> {
+        let prefix = format!("{name}.v");
+        let mut versions = Vec::new();
+        for key in self.keys().await? {
+            let Some(n) = key
+                .strip_prefix(&prefix)
+                .and_then(|v| v.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let entry = self
+                .kv
+                .entry(&key)
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
+            if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) {
+                versions.push(Version {
+                    version: n,
+                    digest: digest(&String::from_utf8_lossy(&entry.value)),
+                    created_unix: entry.created.unix_timestamp(),
+                });
+            }
+        }
+        versions.sort_by_key(|v| v.version);
+        Ok(versions)
+    }
+
+    /// Enables or disables a workflow: whether events start runs of it. Returns false when the
+    /// workflow does not exist.
+    pub async fn set_enabled(&self, name: &str, enabled: bool) -> Result<bool, Error> {
+        let Some((mut head, revision)) = self.head_entry(name).await? else {
+            return Ok(false);
+        };
+        if head.enabled == enabled {
+            return Ok(true);
+        }
+        head.enabled = enabled;
+        let bytes = serde_json::to_vec(&head).expect("a head serializes");
+        self.kv
+            .update(format!("{name}.head"), bytes.into(), revision)
+            .await
+            .map_err(|_| Error::Conflict {
+                name: name.to_owned(),
+            })?;
+        Ok(true)
+    }
+
+    /// Deletes a workflow's head: it is no longer listed, triggered or startable by name. Its
+    /// versions stay for the runs that use them unless `purge`, which removes them too. Returns
+    /// false when there was nothing to delete.
+    pub async fn delete(&self, name: &str, purge: bool) -> Result<bool, Error> {
+        let had_head = self.head_entry(name).await?.is_some();
+        if had_head {
+            self.kv
+                .delete(format!("{name}.head"))
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
+        }
+        let mut purged = false;
+        if purge {
+            for v in self.versions(name).await? {
+                self.kv
+                    .purge(format!("{name}.v{}", v.version))
+                    .await
+                    .map_err(|e| Error::Unavailable(e.to_string()))?;
+                purged = true;
+            }
+        }
+        Ok(had_head || purged)
+    }
+
+    async fn keys(&self) -> Result<Vec<String>, Error> {
+        use futures::TryStreamExt;
+        match self.kv.keys().await {
+            Ok(keys) => keys
+                .try_collect()
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string())),
+            Err(e) => Err(Error::Unavailable(e.to_string())),
+        }
     }
 
     /// The latest version of every workflow.
