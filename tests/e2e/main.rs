@@ -6,6 +6,7 @@ mod cli;
 mod harness;
 mod interop;
 mod slice;
+mod workflows;
 
 use std::time::{Duration, Instant};
 
