@@ -477,3 +477,16 @@ fn the_json_schema_has_the_keys_the_compiler_knows() {
     let known: Vec<&str> = InputType::ALL.iter().map(|(n, _)| *n).collect();
     assert_eq!(types, known);
 }
+
+#[test]
+fn guesses_count_swapped_letters_as_one_typo() {
+    use crate::compile::did_you_mean;
+    let ids = ["build", "test", "deploy"];
+    assert_eq!(did_you_mean("biuld", ids.into_iter()), Some("build"));
+    assert_eq!(did_you_mean("depoly", ids.into_iter()), Some("deploy"));
+    assert_eq!(did_you_mean("xyz", ids.into_iter()), None);
+    let problems = compile("name: x\nsteps:\n  - id: build\n    uses: echo\n  - id: b\n    uses: echo\n    needs: [biuld]\n")
+        .unwrap_err()
+        .0;
+    assert_eq!(problems[0].hint.as_deref(), Some("did you mean `build`?"));
+}
