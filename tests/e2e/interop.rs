@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use baton_core::event::{RunEvent, triggered_run_id};
+use baton_core::event::{Ending, RunEvent, triggered_run_id};
 use baton_core::registry::Registry;
 use baton_core::{binding, subjects};
 use baton_tests::{BatonProcess, NatsServer, python};
@@ -53,7 +53,7 @@ async fn events_published_by_the_python_sdk_start_runs_and_python_reads_batons_e
     for id in ["py-1", "py-2"] {
         let run = triggered_run_id("py-interop", "/python/sdk", id);
         let events = crate::wait_for_end(&bus, &run, Duration::from_secs(30), || baton.log()).await;
-        let RunEvent::Succeeded(done) = &events.last().unwrap().event else {
+        let RunEvent::Ended(Ending::Succeeded, done) = &events.last().unwrap().event else {
             panic!("{id}: {events:#?}")
         };
         assert_eq!(
@@ -87,7 +87,7 @@ async fn events_published_by_the_python_sdk_start_runs_and_python_reads_batons_e
     let attributes = &read[0]["attributes"];
     assert_eq!(attributes["type"], "dev.baton.run.succeeded", "{out}");
     assert_eq!(attributes["source"], "baton/coordinator");
-    assert_eq!(attributes["id"], format!("{run}.ended"));
+    assert_eq!(attributes["id"], format!("{run}.ended.1"));
     assert_eq!(attributes["datacontenttype"], "application/json");
     assert!(
         attributes["traceparent"]

@@ -3,8 +3,10 @@
 mod binding;
 mod catalogue;
 mod cli;
+mod effects;
 mod harness;
 mod interop;
+mod saga;
 mod slice;
 mod workflows;
 
@@ -38,11 +40,15 @@ pub async fn wait_for_end(
     context: impl Fn() -> String,
 ) -> Vec<Journaled> {
     let deadline = Instant::now() + timeout;
+    let p = subjects::partition(run_id, bus.partitions);
     loop {
-        let events = journal(bus, run_id).await;
+        // Reading can fail for a moment while a cluster elects a new leader.
+        let events = read_journal(&bus.js, subjects::run_all(p, run_id))
+            .await
+            .unwrap_or_default();
         if events
             .iter()
-            .any(|e| matches!(e.event, RunEvent::Succeeded(_) | RunEvent::Failed(_)))
+            .any(|e| matches!(e.event, RunEvent::Ended(..)))
         {
             return events;
         }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use baton_core::event::{RunEvent, triggered_run_id};
+use baton_core::event::{Ending, RunEvent, triggered_run_id};
 use baton_core::registry::Registry;
 use baton_core::{Bus, binding, subjects};
 use baton_tests::{BatonProcess, NatsServer};
@@ -100,13 +100,15 @@ async fn an_event_on_nats_starts_a_run_whose_steps_chain_to_success() {
         [
             "dev.baton.run.requested",
             "dev.baton.step.requested",
+            "dev.baton.step.started",
             "dev.baton.step.completed",
             "dev.baton.step.requested",
+            "dev.baton.step.started",
             "dev.baton.step.completed",
             "dev.baton.run.succeeded"
         ]
     );
-    let RunEvent::Succeeded(done) = &events.last().unwrap().event else {
+    let RunEvent::Ended(Ending::Succeeded, done) = &events.last().unwrap().event else {
         unreachable!()
     };
     assert_eq!(
@@ -128,7 +130,13 @@ async fn an_event_on_nats_starts_a_run_whose_steps_chain_to_success() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let events = crate::journal(&bus, &run_id).await;
     assert_eq!(count(&events, |e| matches!(e, RunEvent::Requested(_))), 1);
-    assert_eq!(count(&events, |e| matches!(e, RunEvent::Succeeded(_))), 1);
+    assert_eq!(
+        count(&events, |e| matches!(
+            e,
+            RunEvent::Ended(Ending::Succeeded, _)
+        )),
+        1
+    );
     assert!(crate::catalogue::assert_catalogue(&bus).await > 0);
 }
 
@@ -159,7 +167,10 @@ async fn a_run_survives_kill_9_of_baton_mid_step_and_records_each_completion_onc
     baton.restart();
     let events = wait_for_end(&bus, &run_id, Duration::from_secs(30), || baton.log()).await;
     assert!(
-        matches!(events.last().unwrap().event, RunEvent::Succeeded(_)),
+        matches!(
+            events.last().unwrap().event,
+            RunEvent::Ended(Ending::Succeeded, _)
+        ),
         "{events:#?}"
     );
     for step in ["a", "b"] {
@@ -172,7 +183,13 @@ async fn a_run_survives_kill_9_of_baton_mid_step_and_records_each_completion_onc
             "step {step} completion recorded once: {events:#?}"
         );
     }
-    assert_eq!(count(&events, |e| matches!(e, RunEvent::Succeeded(_))), 1);
+    assert_eq!(
+        count(&events, |e| matches!(
+            e,
+            RunEvent::Ended(Ending::Succeeded, _)
+        )),
+        1
+    );
     assert!(crate::catalogue::assert_catalogue(&bus).await > 0);
 }
 
@@ -198,7 +215,10 @@ async fn a_run_survives_kill_9_between_steps_and_a_restart_of_the_server() {
     let bus2 = bus(&server.url()).await;
     let events = wait_for_end(&bus2, &run_id, Duration::from_secs(30), || baton.log()).await;
     assert!(
-        matches!(events.last().unwrap().event, RunEvent::Succeeded(_)),
+        matches!(
+            events.last().unwrap().event,
+            RunEvent::Ended(Ending::Succeeded, _)
+        ),
         "{events:#?}"
     );
     assert_eq!(

@@ -153,12 +153,12 @@ async fn run_demo(bus: &baton_core::Bus) -> anyhow::Result<ExitCode> {
     );
     let run_id = baton_core::event::triggered_run_id("release", &source, &delivery);
     println!("It starts run {run_id} of workflow release:");
-    let ok = runs::follow(bus, &run_id, Duration::from_secs(60)).await?;
+    let ending = runs::follow(bus, &run_id, Duration::from_secs(60)).await?;
     println!(
         "\nThe stack stops now and keeps its data. To look again: `baton dev` in one terminal, then"
     );
     println!("`baton runs show {run_id}` in another.");
-    Ok(if ok {
+    Ok(if ending == baton_core::event::Ending::Succeeded {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

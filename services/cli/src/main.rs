@@ -153,6 +153,30 @@ enum RunsCommand {
         #[command(flatten)]
         nats: Nats,
     },
+    /// Print a run's events as they happen until it ends. Exit code 0 if it succeeded.
+    Follow {
+        id: String,
+        /// Give up waiting after this many seconds (the run goes on).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        #[command(flatten)]
+        nats: Nats,
+    },
+    /// Cancel a run: no step starts any more, and completed steps are compensated.
+    Cancel {
+        id: String,
+        /// Recorded in the run's events.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        nats: Nats,
+    },
+    /// Retry the failed compensation of a run that ended compensation_failed.
+    RetryCompensation {
+        id: String,
+        #[command(flatten)]
+        nats: Nats,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -207,12 +231,8 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 .map_err(|e| anyhow::anyhow!("invalid --input for {name}: {e}"))?;
             let run_id = runs::start(&bus, name, version, input).await?;
             println!("Started run {run_id} of {name} v{version}");
-            let ok = runs::follow(&bus, &run_id, Duration::from_secs(timeout)).await?;
-            Ok(if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            let ending = runs::follow(&bus, &run_id, Duration::from_secs(timeout)).await?;
+            Ok(exit_code(ending))
         }
         Command::Apply { files, nats } => {
             telemetry::init(format, "warn");
@@ -223,12 +243,30 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             telemetry::init(format, "warn");
             workflows::run(command).await
         }
-        Command::Runs {
-            command: RunsCommand::Show { id, nats },
-        } => {
+        Command::Runs { command } => {
             telemetry::init(format, "warn");
-            let bus = nats.connect("baton-cli").await?;
-            runs::show(&bus, &id).await?;
+            match command {
+                RunsCommand::Show { id, nats } => {
+                    runs::show(&nats.connect("baton-cli").await?, &id).await?;
+                }
+                RunsCommand::Follow { id, timeout, nats } => {
+                    let bus = nats.connect("baton-cli").await?;
+                    let ending = runs::follow(&bus, &id, Duration::from_secs(timeout)).await?;
+                    return Ok(exit_code(ending));
+                }
+                RunsCommand::Cancel { id, reason, nats } => {
+                    runs::cancel(&nats.connect("baton-cli").await?, &id, reason).await?;
+                    println!(
+                        "Cancel of run {id} requested; follow it with `baton runs follow {id}`"
+                    );
+                }
+                RunsCommand::RetryCompensation { id, nats } => {
+                    runs::retry_compensation(&nats.connect("baton-cli").await?, &id).await?;
+                    println!(
+                        "Compensation retry of run {id} requested; follow it with `baton runs follow {id}`"
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {
@@ -278,7 +316,8 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 ..Default::default()
             };
             let shutdown = baton_core::shutdown::on_signal();
-            baton_runner::Runner::new(bus, options, baton_runner::kinds::builtin())
+            let kinds = baton_runner::kinds::builtin(bus.client.clone());
+            baton_runner::Runner::new(bus, options, kinds)
                 .run(shutdown)
                 .await?;
             Ok(ExitCode::SUCCESS)
@@ -307,6 +346,15 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
     }
 }
 
+/// 0 for a run that succeeded, 1 otherwise.
+fn exit_code(ending: baton_core::event::Ending) -> std::process::ExitCode {
+    if ending == baton_core::event::Ending::Succeeded {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
+
 /// Runs every Baton service in this process until `shutdown` is cancelled.
 pub(crate) async fn run_services(
     bus: baton_core::Bus,
@@ -321,7 +369,7 @@ pub(crate) async fn run_services(
             ack_wait: runner_ack_wait,
             ..Default::default()
         },
-        baton_runner::kinds::builtin(),
+        baton_runner::kinds::builtin(bus.client.clone()),
     );
     // Any service failing stops the others: a half-running stack is worse than a clear error.
     let stop_all = |result: Result<(), String>| {

@@ -4,9 +4,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use baton_coordinator::saga::{Run, Status, StepStatus};
+use baton_coordinator::saga::{ExecState, Run, Status, StepStatus};
 use baton_coordinator::service::{Journaled, read_journal};
-use baton_core::event::{self, RunEvent, RunRequested, WorkflowRef};
+use baton_core::event::{
+    self, CancelRequested, CompensationRetryRequested, Ending, RunEvent, RunRequested, WorkflowRef,
+};
 use baton_core::registry::Registry;
 use baton_core::{Bus, binding, subjects};
 use futures::StreamExt;
@@ -35,6 +37,18 @@ pub async fn apply_file(bus: &Bus, file: &Path) -> anyhow::Result<(baton_workflo
     Ok((workflow, version))
 }
 
+/// Stores one run event in the journal, waiting for JetStream's ack.
+async fn publish(bus: &Bus, event: &RunEvent) -> anyhow::Result<()> {
+    let (headers, body) =
+        binding::encode(&event.to_cloudevent("baton/cli", &baton_core::trace::Trace::new()));
+    bus.js
+        .publish_with_headers(event.subject(bus.partitions), headers, body)
+        .await?
+        .await
+        .with_context(|| format!("the {} event was not stored", event.ty()))?;
+    Ok(())
+}
+
 /// Publishes `run.requested` for a new run and returns its id once the request is stored.
 pub async fn start(
     bus: &Bus,
@@ -51,20 +65,75 @@ pub async fn start(
         },
         input,
         trigger: None,
+        parent: None,
     });
-    let (headers, body) =
-        binding::encode(&request.to_cloudevent("baton/cli", &baton_core::trace::Trace::new()));
-    bus.js
-        .publish_with_headers(request.subject(bus.partitions, ""), headers, body)
-        .await?
-        .await
-        .context("the run request was not stored")?;
+    publish(bus, &request).await?;
     Ok(run_id)
 }
 
-/// Prints a run's events as they are stored until it ends or `timeout` passes. Returns whether the
-/// run succeeded.
-pub async fn follow(bus: &Bus, run_id: &str, timeout: Duration) -> anyhow::Result<bool> {
+/// Loads a run from its journal, as the coordinator sees it, with its events.
+async fn load(bus: &Bus, run_id: &str) -> anyhow::Result<(Run, Vec<Journaled>)> {
+    if !subjects::is_token(run_id) {
+        bail!("{run_id:?} is not a run id: ids are letters, digits, `-` and `_`");
+    }
+    let p = subjects::partition(run_id, bus.partitions);
+    let events = read_journal(&bus.js, subjects::run_all(p, run_id)).await?;
+    let Some(Journaled {
+        event: RunEvent::Requested(request),
+        trace,
+        ..
+    }) = events.first().cloned()
+    else {
+        bail!("no run with id {run_id}; ids are printed by `baton run` and in the gateway's log");
+    };
+    let workflows = baton_coordinator::workflows::Workflows::new(Registry::open(&bus.js).await?);
+    let workflow = workflows
+        .get(&request.workflow.name, request.workflow.version)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut run = Run::new(&request, &workflow, trace.unwrap_or_default());
+    for e in &events {
+        run.apply(&e.event);
+    }
+    Ok((run, events))
+}
+
+/// Asks the coordinator to cancel a run: no step starts any more and completed steps are undone.
+pub async fn cancel(bus: &Bus, run_id: &str, reason: String) -> anyhow::Result<()> {
+    let (run, _) = load(bus, run_id).await?;
+    if run.status.is_terminal() {
+        bail!(
+            "run {run_id} has already ended ({}); there is nothing to cancel",
+            run.status.as_str()
+        );
+    }
+    publish(
+        bus,
+        &RunEvent::CancelRequested(CancelRequested {
+            run_id: run_id.to_owned(),
+            reason,
+        }),
+    )
+    .await
+}
+
+/// Asks the coordinator to retry the compensation that failed in a `compensation_failed` run.
+pub async fn retry_compensation(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
+    let (run, _) = load(bus, run_id).await?;
+    if run.status != Status::Ended(Ending::CompensationFailed) {
+        bail!(
+            "run {run_id} is {}; only a compensation_failed run can retry its compensation",
+            run.status.as_str()
+        );
+    }
+    let retry = CompensationRetryRequested {
+        run_id: run_id.to_owned(),
+    };
+    publish(bus, &RunEvent::CompensationRetryRequested(retry)).await
+}
+
+/// Prints a run's events as they are stored until it ends or `timeout` passes. Returns how it ended.
+pub async fn follow(bus: &Bus, run_id: &str, timeout: Duration) -> anyhow::Result<Ending> {
     use async_nats::jetstream::consumer;
     let p = subjects::partition(run_id, bus.partitions);
     let stream = bus.js.get_stream(baton_core::streams::RUNS).await?;
@@ -89,74 +158,114 @@ pub async fn follow(bus: &Bus, run_id: &str, timeout: Duration) -> anyhow::Resul
         let Ok(ce) = binding::decode(message.headers.as_ref(), &message.payload) else {
             continue;
         };
-        let Ok(event) = RunEvent::from_cloudevent(&ce) else {
+        let Ok(event) = RunEvent::from_message(&message.subject, &ce) else {
             continue;
         };
         println!("  {}", describe(&event));
-        match event {
-            RunEvent::Succeeded(s) => {
-                println!(
+        if let RunEvent::Ended(ending, end) = event {
+            match ending {
+                Ending::Succeeded => println!(
                     "Run {run_id} succeeded. Output:\n{}",
-                    serde_json::to_string_pretty(&s.output)?
-                );
-                return Ok(true);
+                    serde_json::to_string_pretty(&end.output)?
+                ),
+                other => println!(
+                    "Run {run_id} ended {}: {}",
+                    Status::Ended(other).as_str(),
+                    end.error.as_deref().unwrap_or("")
+                ),
             }
-            RunEvent::Failed(f) => {
-                println!("Run {run_id} failed: {}", f.error);
-                return Ok(false);
-            }
-            _ => {}
+            return Ok(ending);
         }
     }
 }
 
 /// One line about one event.
 fn describe(event: &RunEvent) -> String {
+    let item = |i: &Option<u32>| i.map(|i| format!("[{i}]")).unwrap_or_default();
     match event {
         RunEvent::Requested(r) => {
             format!("run requested: {} v{}", r.workflow.name, r.workflow.version)
         }
         RunEvent::CancelRequested(c) => format!("cancel requested: {}", c.reason),
+        RunEvent::CompensationRetryRequested(_) => "compensation retry requested".to_owned(),
         RunEvent::StepRequested(r) => format!(
-            "step {} requested (attempt {}, kind {})",
-            r.step, r.attempt, r.kind
+            "step {}{} requested (attempt {}, kind {})",
+            r.step,
+            item(&r.item),
+            r.attempt,
+            r.kind
         ),
-        RunEvent::StepCompleted(c) => {
+        RunEvent::StepStarted(a) | RunEvent::StepHeartbeat(a) => format!(
+            "{} {}{} attempt {} {} on {} (delivery {}, {} ms)",
+            if a.compensation {
+                "compensation of"
+            } else {
+                "step"
+            },
+            a.step,
+            item(&a.item),
+            a.attempt,
+            if matches!(event, RunEvent::StepStarted(_)) {
+                "started"
+            } else {
+                "still running"
+            },
+            a.runner,
+            a.delivered,
+            a.elapsed_ms
+        ),
+        RunEvent::StepCompleted(c) => format!(
+            "step {}{} completed in {} ms on {}: {}",
+            c.step,
+            item(&c.item),
+            c.duration_ms,
+            c.runner,
+            c.output
+        ),
+        RunEvent::StepFailed(f) => format!(
+            "step {}{} failed (attempt {}): {}",
+            f.step,
+            item(&f.item),
+            f.attempt,
+            f.error.message
+        ),
+        RunEvent::TimerScheduled(t) => format!("timer {} set for {}", t.name(), t.due),
+        RunEvent::TimerFired(t) => format!("timer {} fired", t.name()),
+        RunEvent::Compensating(c) => format!(
+            "run failed ({}); undoing: {}",
+            c.reason,
+            if c.plan.is_empty() {
+                "nothing yet".to_owned()
+            } else {
+                c.plan.join(", ")
+            }
+        ),
+        RunEvent::CompensationRequested(r) => {
             format!(
-                "step {} completed in {} ms on {}: {}",
-                c.step, c.duration_ms, c.runner, c.output
+                "compensation of {} requested (attempt {}, kind {})",
+                r.step, r.attempt, r.kind
             )
         }
-        RunEvent::StepFailed(f) => format!(
-            "step {} failed (attempt {}): {}",
+        RunEvent::CompensationCompleted(c) => {
+            format!(
+                "step {} undone in {} ms on {}",
+                c.step, c.duration_ms, c.runner
+            )
+        }
+        RunEvent::CompensationFailed(f) => format!(
+            "compensation of {} failed (attempt {}): {}",
             f.step, f.attempt, f.error.message
         ),
-        RunEvent::Succeeded(_) => "run succeeded".to_owned(),
-        RunEvent::Failed(f) => format!("run failed: {}", f.error),
+        RunEvent::Ended(ending, e) => match &e.error {
+            Some(error) => format!("run {}: {error}", Status::Ended(*ending).as_str()),
+            None => format!("run {}", Status::Ended(*ending).as_str()),
+        },
     }
 }
 
 /// Prints a run as its journal tells it.
 pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
-    let p = subjects::partition(run_id, bus.partitions);
-    let events = read_journal(&bus.js, subjects::run_all(p, run_id)).await?;
-    let Some(Journaled {
-        event: RunEvent::Requested(request),
-        trace,
-        ..
-    }) = events.first().cloned()
-    else {
-        bail!("no run with id {run_id}; ids are printed by `baton run` and in the gateway's log");
-    };
-    let workflows = baton_coordinator::workflows::Workflows::new(Registry::open(&bus.js).await?);
-    let workflow = workflows
-        .get(&request.workflow.name, request.workflow.version)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let mut run = Run::new(&request, &workflow, trace.unwrap_or_default());
-    for e in &events {
-        run.apply(&e.event);
-    }
+    let (run, events) = load(bus, run_id).await?;
     println!("Run {run_id}");
     println!(
         "  workflow  {} v{}",
@@ -170,22 +279,44 @@ pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
             trigger.ty, trigger.source, trigger.id
         );
     }
+    if let Some(parent) = &run.parent {
+        println!("  parent    run {} step {}", parent.run_id, parent.step);
+    }
     println!("  input     {}", run.input);
     println!("Steps");
     for step in &run.steps {
-        let status = match &step.status {
+        let attempts = if step.exec.attempt > 1 {
+            format!(", {} attempts", step.exec.attempt)
+        } else {
+            String::new()
+        };
+        let mut line = match step.status {
             StepStatus::Pending => "pending".to_owned(),
-            StepStatus::Requested { attempt } => format!("running (attempt {attempt})"),
-            StepStatus::Completed { attempt } => format!("completed (attempt {attempt})"),
-            StepStatus::Failed { attempt, error } => format!("failed (attempt {attempt}): {error}"),
+            StepStatus::Running => format!("running{attempts}"),
+            StepStatus::Completed => format!("completed{attempts}"),
+            StepStatus::Failed => {
+                let error = step.exec.error.as_ref().map_or("", |e| e.message.as_str());
+                format!("failed{attempts}: {error}")
+            }
             StepStatus::Skipped => "skipped".to_owned(),
         };
-        println!("  {:<20} {status}", step.id);
+        match step.compensation.state {
+            ExecState::Pending => {}
+            ExecState::Completed => line.push_str("; undone"),
+            ExecState::FailedForGood => line.push_str("; compensation FAILED"),
+            _ => line.push_str("; undoing"),
+        }
+        println!("  {:<20} {line}", step.id);
     }
     match run.status {
-        Status::Succeeded => println!("Output\n{}", serde_json::to_string_pretty(&run.output)?),
-        Status::Failed => println!("Error\n  {}", run.error.as_deref().unwrap_or("")),
+        Status::Ended(Ending::Succeeded) => {
+            println!("Output\n{}", serde_json::to_string_pretty(&run.output)?)
+        }
         Status::Running => {}
+        _ => println!("Error\n  {}", run.error.as_deref().unwrap_or("")),
+    }
+    if run.status == Status::Ended(Ending::CompensationFailed) {
+        println!("Retry the compensation with `baton runs retry-compensation {run_id}`.");
     }
     println!("Events");
     for e in &events {

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
-use baton_core::event::{self, RunEvent};
+use baton_core::dlq::DeadLetter;
+use baton_core::event::{
+    self, Ending, Parent, RunEvent, RunRequested, StepError, StepFailed, WorkflowRef,
+};
 use baton_core::shutdown::CancellationToken;
 use baton_core::trace::Trace;
 use baton_core::{Bus, binding, dlq, subjects};
@@ -20,7 +23,7 @@ use futures::StreamExt;
 use futures::future::join_all;
 use tokio::sync::mpsc;
 
-use crate::saga::Run;
+use crate::saga::{Clock, Run};
 use crate::workflows::Workflows;
 
 /// Coordinator settings.
@@ -175,14 +178,21 @@ impl Partition {
                 .map(|v| v.as_str().to_owned());
             if pin.is_some() && pin != self.pin {
                 tracing::info!(partition = self.p, instance = %self.instance, "took ownership; rebuilding from the journal");
-                self.rebuild().await?;
+                if let Err(error) = self.rebuild().await {
+                    // For example while a cluster elects a new stream leader: try again shortly.
+                    tracing::warn!(partition = self.p, %error, "cannot rebuild the partition; retrying");
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                    continue;
+                }
                 self.pin = pin;
                 // Issue whatever every live run still needs (commands lost in a crash).
                 let ids: Vec<String> = self.runs.keys().cloned().collect();
                 for id in ids {
                     let commands = {
                         let (run, wf) = self.runs.get_mut(&id).expect("present");
-                        run.decide(wf)
+                        run.decide(wf, clock())
                     };
                     if let Err(error) = self.publish_all(&id, &commands).await {
                         tracing::warn!(run = %id, %error, "cannot issue commands after rebuild; will retry on the next event");
@@ -242,7 +252,7 @@ impl Partition {
             .map_err(|e| e.to_string())
             .and_then(|ce| {
                 let trace = event::trace(&ce);
-                RunEvent::from_cloudevent(&ce)
+                RunEvent::from_message(&message.subject, &ce)
                     .map(|e| (e, trace))
                     .map_err(|e| e.to_string())
             });
@@ -282,7 +292,7 @@ impl Partition {
             let _ = message.ack().await;
             return;
         };
-        let commands = run.handle(&event, wf);
+        let commands = run.handle(&event, wf, clock());
         let ended = run.status.is_terminal();
         let trace = run.trace.clone();
         let publishes = self.start_publishes(&commands, &trace).await;
@@ -315,31 +325,108 @@ impl Partition {
         for e in events {
             self.fold(e).await;
         }
-        if self
-            .runs
-            .get(run_id)
-            .is_some_and(|(r, _)| r.status.is_terminal())
-        {
-            self.runs.remove(run_id);
-        }
+        // An ended run stays loaded for this event (a compensation retry reopens it); `handle`
+        // forgets it again once the event is handled.
         Ok(())
     }
 
+    /// Publishes commands without waiting for their acks (the caller awaits them). Timers go out as
+    /// JetStream message schedules; a `workflow` step also starts its sub-run; a compensation that
+    /// failed for good is also recorded as a dead letter.
     async fn start_publishes(&self, commands: &[RunEvent], trace: &Trace) -> Vec<PublishResult> {
-        let mut acks = Vec::with_capacity(commands.len());
+        let mut acks = Vec::with_capacity(commands.len() + 1);
         for command in commands {
-            let ce = command.to_cloudevent(SOURCE, trace);
-            let (headers, body) = binding::encode(&ce);
-            let subject = command.subject(self.bus.partitions, "");
-            acks.push(
-                self.bus
-                    .js
-                    .publish_with_headers(subject, headers, body)
-                    .await
-                    .map_err(|e| e.to_string()),
-            );
+            acks.push(self.publish(command, trace).await);
+            match command {
+                RunEvent::StepRequested(r) if r.kind == "workflow" => {
+                    let extra = self.start_sub_run(r).await;
+                    acks.push(self.publish(&extra, trace).await);
+                }
+                RunEvent::Ended(Ending::CompensationFailed, ended) => {
+                    let letter = DeadLetter {
+                        reason: ended.error.clone().unwrap_or_default(),
+                        origin: "coordinator".into(),
+                        subject: command.subject(self.bus.partitions),
+                        headers: Default::default(),
+                        payload_base64: base64_json(ended),
+                    };
+                    let id = format!("{}.round-{}", command.id(), ended.round);
+                    let js = self.bus.js.clone();
+                    acks.push(Ok(Pending::Future(Box::pin(async move {
+                        dlq::publish(&js, &id, &letter).await
+                    }))));
+                }
+                _ => {}
+            }
         }
         acks
+    }
+
+    async fn publish(&self, command: &RunEvent, trace: &Trace) -> PublishResult {
+        let ce = command.to_cloudevent(SOURCE, trace);
+        let (mut headers, body) = binding::encode(&ce);
+        let mut subject = command.subject(self.bus.partitions);
+        if let RunEvent::TimerScheduled(timer) = command {
+            // nats-server holds the message and writes it to `.fired` at `due`.
+            let fired = RunEvent::TimerFired(timer.clone()).subject(self.bus.partitions);
+            headers.insert(
+                "Nats-Schedule",
+                format!(
+                    "@at {}",
+                    timer
+                        .due
+                        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                )
+                .as_str(),
+            );
+            headers.insert("Nats-Schedule-Target", fired.as_str());
+            subject = command.subject(self.bus.partitions);
+        }
+        self.bus
+            .js
+            .publish_with_headers(subject, headers, body)
+            .await
+            .map(Pending::Ack)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The `run.requested` of a `workflow` step's sub-run, or the step's failure when the workflow
+    /// to call is not in the registry.
+    async fn start_sub_run(&self, step: &baton_core::event::StepRequested) -> RunEvent {
+        let name = step.input["workflow"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let version = match step.input["version"].as_u64() {
+            Some(v) => Ok(v),
+            None => self.workflows.head_version(&name).await,
+        };
+        match version {
+            Ok(version) => RunEvent::Requested(RunRequested {
+                run_id: format!("{}-{}-{}", step.run_id, step.step, step.attempt),
+                workflow: WorkflowRef { name, version },
+                input: step.input["inputs"].clone(),
+                trigger: None,
+                parent: Some(Parent {
+                    run_id: step.run_id.clone(),
+                    step: step.step.clone(),
+                    attempt: step.attempt,
+                }),
+            }),
+            Err(reason) => RunEvent::StepFailed(StepFailed {
+                run_id: step.run_id.clone(),
+                step: step.step.clone(),
+                item: None,
+                kind: step.kind.clone(),
+                attempt: step.attempt,
+                error: StepError {
+                    message: reason,
+                    retryable: false,
+                    code: Some("workflow-not-found".into()),
+                },
+                runner: "coordinator".into(),
+            }),
+        }
     }
 
     async fn publish_all(&self, run_id: &str, commands: &[RunEvent]) -> Result<(), String> {
@@ -356,13 +443,36 @@ impl Partition {
     }
 }
 
-type PublishResult = Result<jetstream::context::PublishAckFuture, String>;
+/// A publish under way: a JetStream ack to wait for, or another write that waits for its own.
+enum Pending {
+    Ack(jetstream::context::PublishAckFuture),
+    Future(futures::future::BoxFuture<'static, Result<(), String>>),
+}
+
+type PublishResult = Result<Pending, String>;
 
 async fn await_all(publishes: Vec<PublishResult>) -> Result<(), String> {
     for publish in publishes {
-        publish?.await.map_err(|e| e.to_string())?;
+        match publish? {
+            Pending::Ack(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string())?,
+            Pending::Future(f) => f.await?,
+        }
     }
     Ok(())
+}
+
+/// The inputs of a decision that are not in the journal: the time, and a random number for jitter.
+fn clock() -> Clock {
+    let random = (ulid::Ulid::generate().random() as u64 >> 11) as f64 / (1u64 << 53) as f64;
+    Clock {
+        now: chrono::Utc::now(),
+        random,
+    }
+}
+
+fn base64_json<T: serde::Serialize>(value: &T) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(value).unwrap_or_default())
 }
 
 /// A run event read back from the journal.
@@ -402,7 +512,7 @@ pub async fn read_journal(
         let info = message.info().map_err(jserr)?;
         let (seq, pending) = (info.stream_sequence, info.pending);
         if let Ok(ce) = binding::decode(message.headers.as_ref(), &message.payload)
-            && let Ok(event) = RunEvent::from_cloudevent(&ce)
+            && let Ok(event) = RunEvent::from_message(&message.subject, &ce)
         {
             out.push(Journaled {
                 seq,

@@ -23,6 +23,16 @@ impl Workflows {
         }
     }
 
+    /// The latest version of `name`, for a sub-run that does not pin one.
+    pub async fn head_version(&self, name: &str) -> Result<u64, String> {
+        match self.registry.head(name).await {
+            Ok(Some(head)) if head.enabled => Ok(head.version),
+            Ok(Some(_)) => Err(format!("workflow {name} is disabled; enable it with `baton workflows enable {name}`")),
+            Ok(None) => Err(format!("workflow {name} is not in the registry; apply it with `baton apply`")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// The compiled version, or an error that says why it cannot be had.
     pub async fn get(&self, name: &str, version: u64) -> Result<Arc<Workflow>, String> {
         let key = (name.to_owned(), version);

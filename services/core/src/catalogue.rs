@@ -39,72 +39,151 @@ fn schema<T: JsonSchema>() -> Schema {
 
 /// Every event type, in the order of a run's life.
 pub fn all() -> Vec<EventType> {
-    vec![
-        EventType {
-            ty: types::RUN_REQUESTED,
-            subject: "baton.run.<p>.<run>.run.requested",
-            producers: "baton CLI, gateway (triggers)",
-            consumers: "coordinator",
-            description: "Start a run of a pinned workflow version, with its input and the event that triggered it.",
-            schema: schema::<event::RunRequested>,
-        },
-        EventType {
-            ty: types::RUN_CANCEL_REQUESTED,
-            subject: "baton.run.<p>.<run>.run.cancel-requested",
-            producers: "baton CLI",
-            consumers: "coordinator",
-            description: "Stop a run; it ends failed with the reason.",
-            schema: schema::<event::CancelRequested>,
-        },
-        EventType {
-            ty: types::STEP_REQUESTED,
-            subject: "baton.run.<p>.<run>.step.<kind>.requested",
+    let run = |ty, verb: &'static str, producers, consumers, description, schema| EventType {
+        ty,
+        subject: verb,
+        producers,
+        consumers,
+        description,
+        schema,
+    };
+    let mut types = vec![
+        run(
+            types::RUN_REQUESTED,
+            "baton.run.<p>.<run>.run.requested",
+            "baton CLI, gateway (triggers), coordinator (sub-workflows)",
+            "coordinator",
+            "Start a run of a pinned workflow version, with its input, the event that triggered it, and the parent step of a sub-workflow.",
+            schema::<event::RunRequested> as fn() -> Schema,
+        ),
+        run(
+            types::RUN_CANCEL_REQUESTED,
+            "baton.run.<p>.<run>.run.cancel-requested",
+            "baton CLI",
+            "coordinator",
+            "Stop a run: no step starts any more, completed steps are compensated.",
+            schema::<event::CancelRequested>,
+        ),
+        run(
+            types::RUN_COMPENSATION_RETRY_REQUESTED,
+            "baton.run.<p>.<run>.run.compensation-retry-requested",
+            "baton CLI",
+            "coordinator",
+            "Retry the compensation that failed in a run that ended compensation_failed.",
+            schema::<event::CompensationRetryRequested>,
+        ),
+        run(
+            types::STEP_REQUESTED,
+            "baton.run.<p>.<run>.step.<kind>.requested",
+            "coordinator",
+            "runners and step services of <kind>",
+            "Execute one attempt of a step (or one item of a for-each step) with its evaluated input and idempotency key.",
+            schema::<event::StepRequested>,
+        ),
+        run(
+            types::STEP_STARTED,
+            "baton.run.<p>.<run>.step.<kind>.started",
+            "runners",
+            "anyone watching runs (baton runs follow)",
+            "A runner began executing a delivery of an attempt (of a step or its compensation).",
+            schema::<event::StepActivity>,
+        ),
+        run(
+            types::STEP_HEARTBEAT,
+            "baton.run.<p>.<run>.step.<kind>.heartbeat",
+            "runners",
+            "anyone watching runs",
+            "An attempt is still executing. Stored with a per-message TTL (Nats-TTL) of one day, so long steps do not grow the journal forever.",
+            schema::<event::StepActivity>,
+        ),
+        run(
+            types::STEP_COMPLETED,
+            "baton.run.<p>.<run>.step.<kind>.completed",
+            "runners and step services; the coordinator for sleep and sub-workflow steps",
+            "coordinator",
+            "An attempt succeeded; its outputs feed the next steps.",
+            schema::<event::StepCompleted>,
+        ),
+        run(
+            types::STEP_FAILED,
+            "baton.run.<p>.<run>.step.<kind>.failed",
+            "runners and step services; the coordinator for sub-workflow steps",
+            "coordinator",
+            "An attempt failed, retryable or not, with an error code retry policies can name.",
+            schema::<event::StepFailed>,
+        ),
+        run(
+            types::TIMER_FIRED,
+            "baton.run.<p>.<run>.timer.<name>.at (held by nats-server), .fired (written by it)",
+            "coordinator (scheduled), nats-server (fired)",
+            "coordinator",
+            "A durable timer: a retry's backoff, a step, compensation or run timeout, a sleep.",
+            schema::<event::Timer>,
+        ),
+        run(
+            types::RUN_COMPENSATING,
+            "baton.run.<p>.<run>.run.compensating",
+            "coordinator",
+            "anyone watching runs",
+            "The run failed; the completed steps in `plan` are undone, in that order.",
+            schema::<event::RunCompensating>,
+        ),
+        run(
+            types::COMPENSATION_REQUESTED,
+            "baton.run.<p>.<run>.step.<kind>.compensate",
+            "coordinator",
+            "runners and step services of <kind>",
+            "Execute one attempt of a step's compensation.",
+            schema::<event::StepRequested>,
+        ),
+        run(
+            types::COMPENSATION_COMPLETED,
+            "baton.run.<p>.<run>.step.<kind>.compensated",
+            "runners and step services",
+            "coordinator",
+            "A compensation attempt succeeded: the step is undone.",
+            schema::<event::StepCompleted>,
+        ),
+        run(
+            types::COMPENSATION_FAILED,
+            "baton.run.<p>.<run>.step.<kind>.compensation-failed",
+            "runners and step services",
+            "coordinator",
+            "A compensation attempt failed.",
+            schema::<event::StepFailed>,
+        ),
+    ];
+    for ending in event::Ending::ALL {
+        types.push(EventType {
+            ty: ending.ty(),
+            subject: match ending {
+                event::Ending::Succeeded => "baton.run.<p>.<run>.run.succeeded",
+                event::Ending::Failed => "baton.run.<p>.<run>.run.failed",
+                event::Ending::Cancelled => "baton.run.<p>.<run>.run.cancelled",
+                event::Ending::Compensated => "baton.run.<p>.<run>.run.compensated",
+                event::Ending::CompensationFailed => "baton.run.<p>.<run>.run.compensation-failed",
+            },
             producers: "coordinator",
-            consumers: "runners and step services of <kind>",
-            description: "Execute one attempt of a step with its evaluated input and idempotency key.",
-            schema: schema::<event::StepRequested>,
-        },
-        EventType {
-            ty: types::STEP_COMPLETED,
-            subject: "baton.run.<p>.<run>.step.<kind>.completed",
-            producers: "runners and step services",
-            consumers: "coordinator",
-            description: "An attempt succeeded; its outputs feed the next steps.",
-            schema: schema::<event::StepCompleted>,
-        },
-        EventType {
-            ty: types::STEP_FAILED,
-            subject: "baton.run.<p>.<run>.step.<kind>.failed",
-            producers: "runners and step services",
-            consumers: "coordinator",
-            description: "An attempt failed, retryable or not.",
-            schema: schema::<event::StepFailed>,
-        },
-        EventType {
-            ty: types::RUN_SUCCEEDED,
-            subject: "baton.run.<p>.<run>.run.succeeded",
-            producers: "coordinator",
-            consumers: "baton CLI, anyone watching runs",
-            description: "The run ended successfully with its outputs.",
-            schema: schema::<event::RunSucceeded>,
-        },
-        EventType {
-            ty: types::RUN_FAILED,
-            subject: "baton.run.<p>.<run>.run.failed",
-            producers: "coordinator",
-            consumers: "baton CLI, anyone watching runs",
-            description: "The run ended in failure (a step failed, an expression failed, invalid input, cancelled).",
-            schema: schema::<event::RunFailed>,
-        },
-        EventType {
-            ty: crate::dlq::TYPE,
-            subject: "baton.dlq.<origin>",
-            producers: "any service that rejects input",
-            consumers: "baton deadletters",
-            description: "A rejected message: the reason, and the original subject, headers and bytes.",
-            schema: schema::<DeadLetter>,
-        },
-    ]
+            consumers: "baton CLI, the parent run of a sub-workflow, anyone watching runs",
+            description: match ending {
+                event::Ending::Succeeded => "The run ended successfully with its outputs.",
+                event::Ending::Failed => "The run failed and had nothing to compensate.",
+                event::Ending::Cancelled => "The run was cancelled and had nothing to compensate.",
+                event::Ending::Compensated => "The run failed (or was cancelled) and every completed step with a compensation was undone.",
+                event::Ending::CompensationFailed => "A compensation failed after its retries; a dead letter records it, `baton runs retry-compensation` retries it.",
+            },
+            schema: schema::<event::RunEnded>,
+        });
+    }
+    types.push(EventType {
+        ty: crate::dlq::TYPE,
+        subject: "baton.dlq.<origin>",
+        producers: "any service that rejects input; the coordinator when a compensation fails for good",
+        consumers: "baton deadletters",
+        description: "A rejected message: the reason, and the original subject, headers and bytes.",
+        schema: schema::<DeadLetter>,
+    });
+    types
 }
 
 /// The catalogue entry of a type.

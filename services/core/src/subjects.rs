@@ -28,6 +28,11 @@ pub fn step_event(partition: u32, run_id: &str, kind: &str, verb: &str) -> Strin
     format!("{RUNS}.{partition}.{run_id}.step.{kind}.{verb}")
 }
 
+/// `baton.run.<p>.<run>.timer.<name>.<verb>` (`at` for the schedule, `fired` when it fires)
+pub fn timer_event(partition: u32, run_id: &str, name: &str, verb: &str) -> String {
+    format!("{RUNS}.{partition}.{run_id}.timer.{name}.{verb}")
+}
+
 /// Everything of one run: `baton.run.<p>.<run>.>`
 pub fn run_all(partition: u32, run_id: &str) -> String {
     format!("{RUNS}.{partition}.{run_id}.>")
@@ -43,15 +48,19 @@ pub fn coordinator_filters(partition: u32) -> Vec<String> {
     vec![
         format!("{RUNS}.{partition}.*.run.requested"),
         format!("{RUNS}.{partition}.*.run.cancel-requested"),
+        format!("{RUNS}.{partition}.*.run.compensation-retry-requested"),
         format!("{RUNS}.{partition}.*.step.*.completed"),
         format!("{RUNS}.{partition}.*.step.*.failed"),
+        format!("{RUNS}.{partition}.*.step.*.compensated"),
+        format!("{RUNS}.{partition}.*.step.*.compensation-failed"),
         format!("{RUNS}.{partition}.*.timer.*.fired"),
     ]
 }
 
-/// The step requests of one kind, across all partitions (a runner consumer's filter).
-pub fn step_requests(kind: &str) -> String {
-    format!("{RUNS}.*.*.step.{kind}.requested")
+/// The step and compensation requests of one kind, across all partitions (a runner consumer's
+/// filters).
+pub fn step_requests(kind: &str) -> Vec<String> {
+    vec![format!("{RUNS}.*.*.step.{kind}.requested"), format!("{RUNS}.*.*.step.{kind}.compensate")]
 }
 
 /// Where external events of an origin (`http`, `github`, `nats` ...) are published.

@@ -154,13 +154,14 @@ impl Triggers {
                 },
                 input: serde_json::Value::Null,
                 trigger: Some(trigger.clone()),
+                parent: None,
             });
             tracing::info!(workflow = %name, version, run = request.run_id(), event = %trigger.id, "event starts a run");
             let (headers, body) = binding::encode(&request.to_cloudevent(SOURCE, &trace));
             acks.push(
                 self.bus
                     .js
-                    .publish_with_headers(request.subject(self.bus.partitions, ""), headers, body)
+                    .publish_with_headers(request.subject(self.bus.partitions), headers, body)
                     .await,
             );
         }

@@ -13,8 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer};
-use baton_core::event::{self, RunEvent, StepCompleted, StepError, StepFailed, StepRequested};
+use baton_core::event::{
+    self, RunEvent, StepActivity, StepCompleted, StepError, StepFailed, StepRequested,
+};
 use baton_core::shutdown::CancellationToken;
+use baton_core::trace::Trace;
 use baton_core::{Bus, binding, dlq, subjects};
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -26,7 +29,11 @@ use tokio::sync::Semaphore;
 pub struct StepContext {
     pub run_id: String,
     pub step: String,
+    /// The item of a `for-each` step.
+    pub item: Option<u32>,
     pub attempt: u32,
+    /// `true` when this executes the step's compensation (the `compensate` of the workflow).
+    pub compensation: bool,
     /// The same for every attempt and every redelivery of a step.
     pub idempotency_key: String,
     /// How many times JetStream has delivered this request (more than 1 after a runner died).
@@ -112,7 +119,7 @@ impl Runner {
             let consumer: consumer::PullConsumer = stream
                 .create_consumer(consumer::pull::Config {
                     durable_name: Some(format!("runner-{kind}")),
-                    filter_subject: subjects::step_requests(&kind),
+                    filter_subjects: subjects::step_requests(&kind),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: self.options.ack_wait,
                     max_ack_pending: 10_000,
@@ -181,12 +188,20 @@ impl Worker {
     async fn execute(&self, message: jetstream::Message, cancel: CancellationToken) {
         let decoded = binding::decode(message.headers.as_ref(), &message.payload)
             .map_err(|e| e.to_string())
-            .and_then(|ce| match RunEvent::from_cloudevent(&ce) {
-                Ok(RunEvent::StepRequested(r)) => Ok((r, event::trace(&ce).unwrap_or_default())),
-                Ok(other) => Err(format!("expected a step request, got {}", other.ty())),
+            .and_then(|ce| match RunEvent::from_message(&message.subject, &ce) {
+                Ok(RunEvent::StepRequested(r)) => {
+                    Ok((r, false, event::trace(&ce).unwrap_or_default()))
+                }
+                Ok(RunEvent::CompensationRequested(r)) => {
+                    Ok((r, true, event::trace(&ce).unwrap_or_default()))
+                }
+                Ok(other) => Err(format!(
+                    "expected a step or compensation request, got {}",
+                    other.ty()
+                )),
                 Err(e) => Err(e.to_string()),
             });
-        let (request, trace) = match decoded {
+        let (request, compensation, trace) = match decoded {
             Ok(d) => d,
             Err(reason) => {
                 dlq::reject(&self.bus.js, "runner", &message, &reason).await;
@@ -194,6 +209,13 @@ impl Worker {
             }
         };
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let attempt = Attempt {
+            request: &request,
+            compensation,
+            trace: &trace,
+            delivered,
+            runner: self,
+        };
         let started = Instant::now();
         let outcome = if delivered > self.options.max_deliveries {
             Err(StepError {
@@ -201,38 +223,23 @@ impl Worker {
                     "the request was delivered {delivered} times without an outcome; runners kept dying or failing"
                 ),
                 retryable: false,
+                code: Some("runner-lost".into()),
             })
         } else {
             if delivered > 1 {
                 tracing::info!(run = %request.run_id, step = %request.step, delivered, "redelivered request: executing the attempt again with the same idempotency key");
             }
-            self.run_handler(&request, delivered, cancel.clone(), &message)
+            attempt.announce(false, started).await;
+            self.run_handler(&attempt, cancel.clone(), &message, started)
                 .await
         };
         if cancel.is_cancelled() && outcome.is_err() {
             // Shutting down: leave the request un-acked for another runner.
             return;
         }
-        let duration_ms = started.elapsed().as_millis() as u64;
-        let event = match outcome {
-            Ok(output) => RunEvent::StepCompleted(StepCompleted {
-                run_id: request.run_id.clone(),
-                step: request.step.clone(),
-                attempt: request.attempt,
-                output,
-                runner: self.options.instance.clone(),
-                duration_ms,
-            }),
-            Err(error) => RunEvent::StepFailed(StepFailed {
-                run_id: request.run_id.clone(),
-                step: request.step.clone(),
-                attempt: request.attempt,
-                error,
-                runner: self.options.instance.clone(),
-            }),
-        };
+        let event = attempt.outcome(outcome, started.elapsed().as_millis() as u64);
         let (headers, body) = binding::encode(&event.to_cloudevent(SOURCE, &trace));
-        let subject = event.subject(self.bus.partitions, &self.kind);
+        let subject = event.subject(self.bus.partitions);
         let stored = match self
             .bus
             .js
@@ -244,6 +251,7 @@ impl Worker {
         };
         match stored {
             Ok(()) => {
+                // Acked only now: a runner that dies before this point gets the request redelivered.
                 let _ = message.ack().await;
             }
             Err(error) => {
@@ -255,20 +263,24 @@ impl Worker {
         }
     }
 
-    /// Runs the handler, with progress acks while it runs and the step's timeout if it has one.
+    /// Runs the handler, with progress acks and heartbeats while it runs, and the step's timeout if
+    /// it has one.
     async fn run_handler(
         &self,
-        request: &StepRequested,
-        delivered: i64,
+        attempt: &Attempt<'_>,
         cancel: CancellationToken,
         message: &jetstream::Message,
+        started: Instant,
     ) -> Result<Value, StepError> {
+        let request = attempt.request;
         let ctx = StepContext {
             run_id: request.run_id.clone(),
             step: request.step.clone(),
+            item: request.item,
             attempt: request.attempt,
+            compensation: attempt.compensation,
             idempotency_key: request.idempotency_key.clone(),
-            delivered,
+            delivered: attempt.delivered,
             cancel: cancel.clone(),
         };
         let work = (self.handler)(request.input.clone(), ctx);
@@ -284,13 +296,102 @@ impl Worker {
         loop {
             tokio::select! {
                 result = &mut work => return result,
-                _ = progress.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
+                _ = progress.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    attempt.announce(true, started).await;
+                }
                 _ = &mut deadline => {
                     cancel.cancel();
-                    return Err(StepError { message: format!("timed out after {} ms", timeout.as_millis()), retryable: true });
+                    return Err(StepError::timeout(timeout));
                 }
                 _ = cancel.cancelled() => {
-                    return Err(StepError { message: "the runner is shutting down".into(), retryable: true });
+                    return Err(StepError { message: "the runner is shutting down".into(), retryable: true, code: Some("shutdown".into()) });
+                }
+            }
+        }
+    }
+}
+
+/// One delivery of a request being executed.
+struct Attempt<'a> {
+    request: &'a StepRequested,
+    compensation: bool,
+    trace: &'a Trace,
+    delivered: i64,
+    runner: &'a Worker,
+}
+
+impl Attempt<'_> {
+    /// Publishes `step.started` (or a heartbeat). Informational, so a failure is only logged: the
+    /// outcome event is what counts.
+    async fn announce(&self, heartbeat: bool, started: Instant) {
+        let r = self.request;
+        let activity = StepActivity {
+            run_id: r.run_id.clone(),
+            step: r.step.clone(),
+            item: r.item,
+            kind: r.kind.clone(),
+            attempt: r.attempt,
+            compensation: self.compensation,
+            runner: self.runner.options.instance.clone(),
+            delivered: self.delivered as u32,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        };
+        let event = if heartbeat {
+            RunEvent::StepHeartbeat(activity)
+        } else {
+            RunEvent::StepStarted(activity)
+        };
+        let (mut headers, body) = binding::encode(&event.to_cloudevent(SOURCE, self.trace));
+        if heartbeat {
+            // Heartbeats only matter while a step runs: the server deletes them after a day.
+            headers.insert("Nats-TTL", "24h");
+        }
+        let js = &self.runner.bus.js;
+        if let Err(error) = js
+            .publish_with_headers(event.subject(self.runner.bus.partitions), headers, body)
+            .await
+        {
+            tracing::debug!(run = %r.run_id, step = %r.step, %error, "cannot publish step activity");
+        }
+    }
+
+    /// The outcome event of the attempt.
+    fn outcome(&self, outcome: Result<Value, StepError>, duration_ms: u64) -> RunEvent {
+        let r = self.request;
+        let runner = self.runner.options.instance.clone();
+        match outcome {
+            Ok(output) => {
+                let done = StepCompleted {
+                    run_id: r.run_id.clone(),
+                    step: r.step.clone(),
+                    item: r.item,
+                    kind: r.kind.clone(),
+                    attempt: r.attempt,
+                    output,
+                    runner,
+                    duration_ms,
+                };
+                if self.compensation {
+                    RunEvent::CompensationCompleted(done)
+                } else {
+                    RunEvent::StepCompleted(done)
+                }
+            }
+            Err(error) => {
+                let failed = StepFailed {
+                    run_id: r.run_id.clone(),
+                    step: r.step.clone(),
+                    item: r.item,
+                    kind: r.kind.clone(),
+                    attempt: r.attempt,
+                    error,
+                    runner,
+                };
+                if self.compensation {
+                    RunEvent::CompensationFailed(failed)
+                } else {
+                    RunEvent::StepFailed(failed)
                 }
             }
         }
