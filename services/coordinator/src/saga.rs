@@ -361,14 +361,8 @@ impl Run {
                     self.error = Some(c.reason.clone());
                     self.reason = Some(c.reason.clone());
                     self.plan = c.plan.iter().filter_map(|s| self.index(s)).collect();
-                    // The event does not name the failed step; a step's reason starts with it.
-                    if self.failed_step.is_none() {
-                        let step = c
-                            .reason
-                            .strip_prefix("step ")
-                            .and_then(|r| r.split([' ', ':']).next());
-                        self.failed_step =
-                            step.filter(|s| self.index(s).is_some()).map(str::to_owned);
+                    if c.step.is_some() {
+                        self.failed_step = c.step.clone();
                     }
                 }
             }
@@ -891,6 +885,7 @@ impl Run {
             RunEvent::Compensating(RunCompensating {
                 run_id: self.id.clone(),
                 reason,
+                step,
                 plan,
             }),
         );

@@ -239,6 +239,9 @@ pub struct RunCompensating {
     pub run_id: String,
     /// Why the run failed.
     pub reason: String,
+    /// The step that failed, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
     /// Steps to undo, last completed first.
     pub plan: Vec<String>,
 }
