@@ -3,6 +3,7 @@
 mod binding;
 mod catalogue;
 mod cli;
+mod concurrency;
 mod effects;
 mod harness;
 mod interop;

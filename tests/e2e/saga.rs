@@ -60,13 +60,13 @@ outputs:
   last: ${{ .steps.c.outputs.op }}
 "#;
 
-async fn apply(bus: &Bus, name: &str, source: &str) -> u64 {
+pub async fn apply(bus: &Bus, name: &str, source: &str) -> u64 {
     let registry = Registry::open(&bus.js).await.unwrap();
     registry.apply(name, source, vec![]).await.unwrap().0
 }
 
 /// Publishes `run.requested` and returns the run id once it is stored.
-async fn start_run(bus: &Bus, name: &str, version: u64, input: serde_json::Value) -> String {
+pub async fn start_run(bus: &Bus, name: &str, version: u64, input: serde_json::Value) -> String {
     let run_id = event::new_run_id();
     let request = RunEvent::Requested(RunRequested {
         run_id: run_id.clone(),
@@ -89,7 +89,7 @@ async fn start_run(bus: &Bus, name: &str, version: u64, input: serde_json::Value
     run_id
 }
 
-fn ending(events: &[baton_coordinator::service::Journaled]) -> Option<Ending> {
+pub fn ending(events: &[baton_coordinator::service::Journaled]) -> Option<Ending> {
     events.iter().rev().find_map(|e| match &e.event {
         RunEvent::Ended(ending, _) => Some(*ending),
         _ => None,

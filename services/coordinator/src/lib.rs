@@ -3,6 +3,7 @@
 //! [`saga`] is the pure decision logic; [`service`] is the I/O around it: one task per journal
 //! partition, owned through a pinned JetStream consumer, rebuilt from the journal on takeover.
 
+pub mod concurrency;
 pub mod saga;
 pub mod service;
 pub mod workflows;

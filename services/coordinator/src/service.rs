@@ -23,7 +23,10 @@ use futures::StreamExt;
 use futures::future::join_all;
 use tokio::sync::mpsc;
 
-use crate::saga::{Clock, Run};
+use crate::concurrency::{Admission, Slots};
+use crate::saga::{Clock, Run, Status, StepStatus};
+use baton_workflow::OnConflict;
+use baton_workflow::expr::to_val;
 use crate::workflows::Workflows;
 
 /// Coordinator settings.
@@ -54,15 +57,18 @@ pub struct Coordinator {
     bus: Bus,
     options: Options,
     workflows: Workflows,
+    slots: Slots,
 }
 
 impl Coordinator {
     pub async fn new(bus: Bus, options: Options) -> Result<Coordinator, Error> {
         let registry = baton_core::registry::Registry::open(&bus.js).await?;
+        let slots = Slots::open(&bus.js, bus.partitions).await.map_err(Error::JetStream)?;
         Ok(Coordinator {
             bus,
             options,
             workflows: Workflows::new(registry),
+            slots,
         })
     }
 
@@ -95,6 +101,7 @@ impl Coordinator {
                 bus: self.bus.clone(),
                 workflows: self.workflows.clone(),
                 runs: HashMap::new(),
+                slots: self.slots.clone(),
                 pin: None,
                 instance: self.options.instance.clone(),
             };
@@ -132,6 +139,7 @@ struct Partition {
     bus: Bus,
     workflows: Workflows,
     runs: HashMap<String, (Run, Arc<Workflow>)>,
+    slots: Slots,
     /// The pin under which `runs` was rebuilt; `None` until this task owns the partition.
     pin: Option<String>,
     instance: String,
@@ -190,6 +198,11 @@ impl Partition {
                 // Issue whatever every live run still needs (commands lost in a crash).
                 let ids: Vec<String> = self.runs.keys().cloned().collect();
                 for id in ids {
+                    if !self.admitted(&id).await {
+                        // Queued behind a concurrency key: its request comes back.
+                        self.runs.remove(&id);
+                        continue;
+                    }
                     let commands = {
                         let (run, wf) = self.runs.get_mut(&id).expect("present");
                         run.decide(wf, clock())
@@ -261,6 +274,8 @@ impl Partition {
             Err(reason) => return self.reject(message, &reason).await,
         };
         let run_id = event.run_id().to_owned();
+        // Cancels caused by a concurrency key, stored before the run's own commands.
+        let mut before = Vec::new();
         if !self.runs.contains_key(&run_id) {
             match &event {
                 RunEvent::Requested(r) => match self
@@ -270,7 +285,25 @@ impl Partition {
                 {
                     Ok(wf) => {
                         // The run continues the trace of its request; an invalid one starts a new trace.
-                        let run = Run::new(r, &wf, trace.unwrap_or_default());
+                        let mut run = Run::new(r, &wf, trace.unwrap_or_default());
+                        match self.admit(&run, &wf).await {
+                            Ok(Admit::Go) => {}
+                            Ok(Admit::Later) => {
+                                // Queued: the request comes back until a slot is free.
+                                let _ = message.ack_with(AckKind::Nak(Some(QUEUE_POLL))).await;
+                                return;
+                            }
+                            Ok(Admit::Skip(cancel)) => {
+                                run.apply(&cancel);
+                                before.push(cancel);
+                            }
+                            Ok(Admit::Preempt(cancels)) => before.extend(cancels),
+                            Err(error) => {
+                                tracing::warn!(run = %run_id, %error, "cannot check the concurrency key; retrying");
+                                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                                return;
+                            }
+                        }
                         self.runs.insert(run_id.clone(), (run, wf));
                     }
                     Err(reason) => return self.reject(message, &reason).await,
@@ -292,10 +325,13 @@ impl Partition {
             let _ = message.ack().await;
             return;
         };
-        let commands = run.handle(&event, wf, clock());
+        let mut commands = before;
+        commands.extend(run.handle(&event, wf, clock()));
         let ended = run.status.is_terminal();
+        let release = if ended { slot_of(run, wf).and_then(Result::ok) } else { None };
         let trace = run.trace.clone();
         let publishes = self.start_publishes(&commands, &trace).await;
+        let slots = self.slots.clone();
         if ended {
             self.runs.remove(&run_id);
         }
@@ -304,6 +340,12 @@ impl Partition {
         tokio::spawn(async move {
             match await_all(publishes).await {
                 Ok(()) => {
+                    if let Some(slot) = release
+                        && let Err(error) = slots.release(&slot, &run_id).await
+                    {
+                        // The next run that finds the key full drops ended runs from it.
+                        tracing::warn!(run = %run_id, %error, "cannot release the concurrency slot");
+                    }
                     if let Err(error) = message.ack().await {
                         tracing::debug!(%error, "ack failed; the event will be redelivered and is idempotent");
                     }
@@ -317,6 +359,46 @@ impl Partition {
                 }
             }
         });
+    }
+
+    /// Whether a run may go on after a rebuild: it has no concurrency key, has started, or holds its
+    /// slot.
+    async fn admitted(&self, run_id: &str) -> bool {
+        let Some((run, wf)) = self.runs.get(run_id) else { return false };
+        let started = run.steps.iter().any(|s| s.status != StepStatus::Pending) || run.status != Status::Running;
+        match slot_of(run, wf) {
+            Some(Ok(slot)) if !started => self.slots.holds(&slot, run_id).await.unwrap_or(false),
+            _ => true,
+        }
+    }
+
+    /// Applies the workflow's concurrency key to a new run.
+    async fn admit(&self, run: &Run, wf: &Workflow) -> Result<Admit, String> {
+        let (Some(c), Some(slot)) = (&wf.concurrency, slot_of(run, wf)) else { return Ok(Admit::Go) };
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(e) => return Ok(Admit::Skip(cancel(&run.id, format!("its concurrency key cannot be evaluated: {e}")))),
+        };
+        let force = c.on_conflict == OnConflict::CancelPrevious;
+        Ok(match self.slots.acquire(&slot, &run.id, c.limit, force).await? {
+            Admission::Admitted => Admit::Go,
+            Admission::Full(active) => match c.on_conflict {
+                OnConflict::Queue => Admit::Later,
+                OnConflict::Skip => Admit::Skip(cancel(
+                    &run.id,
+                    format!("skipped: {} run(s) with the same concurrency key are active ({})", active.len(), active.join(", ")),
+                )),
+                OnConflict::CancelPrevious => {
+                    let oldest = active.len() + 1 - c.limit as usize;
+                    Admit::Preempt(
+                        active[..oldest.min(active.len())]
+                            .iter()
+                            .map(|id| cancel(id, format!("cancelled by run {} with the same concurrency key", run.id)))
+                            .collect(),
+                    )
+                }
+            },
+        })
     }
 
     /// Loads one run from the journal into `runs`, if it exists and has not ended.
@@ -441,6 +523,37 @@ impl Partition {
     async fn reject(&self, message: jetstream::Message, reason: &str) {
         dlq::reject(&self.bus.js, "coordinator", &message, reason).await;
     }
+}
+
+/// What a concurrency key says about a new run.
+enum Admit {
+    Go,
+    /// Queued: try again later.
+    Later,
+    /// The run ends at once, cancelled with this event.
+    Skip(RunEvent),
+    /// The run starts, and these older runs are cancelled.
+    Preempt(Vec<RunEvent>),
+}
+
+/// How often a queued run checks for a free slot.
+const QUEUE_POLL: Duration = Duration::from_secs(2);
+
+fn cancel(run_id: &str, reason: String) -> RunEvent {
+    RunEvent::CancelRequested(event::CancelRequested { run_id: run_id.to_owned(), reason })
+}
+
+/// The concurrency slot of a run, if its workflow has a concurrency key.
+fn slot_of(run: &Run, wf: &Workflow) -> Option<Result<String, String>> {
+    let c = wf.concurrency.as_ref()?;
+    let key = c.key.eval(&to_val(&run.context())).map_err(|e| e.to_string());
+    Some(key.map(|v| {
+        let key = match v {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        Slots::slot(&wf.name, &key)
+    }))
 }
 
 /// A publish under way: a JetStream ack to wait for, or another write that waits for its own.
