@@ -9,6 +9,7 @@ mod harness;
 mod interop;
 mod saga;
 mod slice;
+mod waits;
 mod workflows;
 
 use std::time::{Duration, Instant};

@@ -12,7 +12,7 @@ use baton_core::event::{
 };
 use baton_core::trace::Trace;
 use baton_workflow::expr::to_val;
-use baton_workflow::{Action, ErrorClass, OnFailure, Retry, Workflow};
+use baton_workflow::{Action, ErrorClass, Expect, OnFailure, Retry, Workflow};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -63,6 +63,9 @@ pub struct Exec {
     /// Whether the current attempt's timer (its timeout, or a sleep's end) is stored.
     #[serde(skip)]
     timer_scheduled: bool,
+    /// A `wait` with `expect: timeout`: its timer completes the attempt instead of failing it.
+    #[serde(skip)]
+    completes_on_timeout: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -313,6 +316,9 @@ impl Run {
                         exec.attempt = r.attempt;
                         exec.state = ExecState::Requested;
                         exec.timer_scheduled = false;
+                        // From the request, so a replay decides the same without the workflow.
+                        exec.completes_on_timeout =
+                            r.kind == "wait" && r.input["expect"] == "timeout";
                     }
                 }
             }
@@ -415,7 +421,12 @@ impl Run {
                 {
                     e.timer_scheduled = true;
                     if fired && e.state == ExecState::Requested {
-                        e.settle(*attempt, Err(timeout_error(after)));
+                        if e.completes_on_timeout {
+                            e.settle(*attempt, Ok(json!({ "event": null })));
+                            self.step_progressed(step);
+                        } else {
+                            e.settle(*attempt, Err(timeout_error(after)));
+                        }
                     }
                 }
             }
@@ -755,7 +766,18 @@ impl Run {
                         .map_err(|e| fail(format!("step {}: `with` {e}", spec.id)))?;
                     json!({"workflow": call.workflow, "version": call.version, "inputs": inputs})
                 }
-                Action::Wait(_) | Action::Approval(_) => {
+                Action::Wait(wait) => {
+                    let key = wait
+                        .key
+                        .eval(&context)
+                        .map_err(|e| fail(format!("step {}: `key` {e}", spec.id)))?;
+                    let expect = match wait.expect {
+                        Expect::Event => "event",
+                        Expect::Timeout => "timeout",
+                    };
+                    json!({"event": wait.event, "key": key, "expect": expect})
+                }
+                Action::Approval(_) => {
                     return Err(fail(format!(
                         "step {}: `{}` steps are not executed by this version of the coordinator",
                         spec.id, spec.kind
@@ -828,7 +850,16 @@ impl Run {
                     clock.now + t,
                 )
             }),
-            Action::Wait(_) | Action::Approval(_) | Action::Workflow(_) => None,
+            // Its own timeout only: a wait's `timeout` is how long it waits.
+            Action::Wait(ref wait) => Some(self.timer_at(
+                TimerPurpose::Timeout {
+                    step: spec.id.clone(),
+                    item,
+                    attempt,
+                },
+                clock.now + wait.timeout,
+            )),
+            Action::Approval(_) | Action::Workflow(_) => None,
         }
     }
 
@@ -1162,3 +1193,5 @@ fn timeout_error(_due: DateTime<Utc>) -> StepError {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wait_tests;

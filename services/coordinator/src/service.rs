@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer};
+use async_nats::jetstream::{self, AckKind, consumer, kv};
 use baton_core::dlq::DeadLetter;
 use baton_core::event::{
     self, Ending, Parent, RunEvent, RunRequested, StepError, StepFailed, WorkflowRef,
@@ -25,9 +25,9 @@ use tokio::sync::mpsc;
 
 use crate::concurrency::{Admission, Slots};
 use crate::saga::{Clock, Run, Status, StepStatus};
+use crate::workflows::Workflows;
 use baton_workflow::OnConflict;
 use baton_workflow::expr::to_val;
-use crate::workflows::Workflows;
 
 /// Coordinator settings.
 #[derive(Debug, Clone)]
@@ -58,17 +58,26 @@ pub struct Coordinator {
     options: Options,
     workflows: Workflows,
     slots: Slots,
+    waits: kv::Store,
 }
 
 impl Coordinator {
     pub async fn new(bus: Bus, options: Options) -> Result<Coordinator, Error> {
         let registry = baton_core::registry::Registry::open(&bus.js).await?;
-        let slots = Slots::open(&bus.js, bus.partitions).await.map_err(Error::JetStream)?;
+        let slots = Slots::open(&bus.js, bus.partitions)
+            .await
+            .map_err(Error::JetStream)?;
+        let waits = bus
+            .js
+            .get_key_value(baton_core::streams::WAITS_BUCKET)
+            .await
+            .map_err(jserr)?;
         Ok(Coordinator {
             bus,
             options,
             workflows: Workflows::new(registry),
             slots,
+            waits,
         })
     }
 
@@ -104,6 +113,7 @@ impl Coordinator {
                 slots: self.slots.clone(),
                 pin: None,
                 instance: self.options.instance.clone(),
+                waits: self.waits.clone(),
             };
             tasks.push(tokio::spawn(partition.run(
                 consumer,
@@ -111,6 +121,32 @@ impl Coordinator {
                 shutdown.clone(),
             )));
         }
+        let (bus, workflows, waits) =
+            (self.bus.clone(), self.workflows.clone(), self.waits.clone());
+        let (ack_wait, stop) = (self.options.ack_wait, shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            // A matcher that fails (say, while a cluster elects a leader) starts again: waits are
+            // not worth stopping the coordinator for.
+            while !stop.is_cancelled() {
+                let matcher = crate::waits::Matcher::new(
+                    bus.clone(),
+                    workflows.clone(),
+                    waits.clone(),
+                    ack_wait,
+                );
+                match matcher.run(stop.clone()).await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "the wait matcher stopped; starting it again");
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }));
         tracing::info!(instance = %self.options.instance, partitions = self.bus.partitions, "coordinator started");
         for result in join_all(tasks).await {
             result.map_err(|e| Error::Task(e.to_string()))??;
@@ -143,6 +179,8 @@ struct Partition {
     /// The pin under which `runs` was rebuilt; `None` until this task owns the partition.
     pin: Option<String>,
     instance: String,
+    /// The `baton-waits` bucket: where `wait` steps wait for their event.
+    waits: kv::Store,
 }
 
 /// A run whose commands could not be stored: forget it, so it is rebuilt from the journal.
@@ -295,12 +333,14 @@ impl Partition {
                             }
                             Ok(Admit::Skip(cancel)) => {
                                 run.apply(&cancel);
-                                before.push(cancel);
+                                before.push(*cancel);
                             }
                             Ok(Admit::Preempt(cancels)) => before.extend(cancels),
                             Err(error) => {
                                 tracing::warn!(run = %run_id, %error, "cannot check the concurrency key; retrying");
-                                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                                let _ = message
+                                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                                    .await;
                                 return;
                             }
                         }
@@ -328,7 +368,11 @@ impl Partition {
         let mut commands = before;
         commands.extend(run.handle(&event, wf, clock()));
         let ended = run.status.is_terminal();
-        let release = if ended { slot_of(run, wf).and_then(Result::ok) } else { None };
+        let release = if ended {
+            slot_of(run, wf).and_then(Result::ok)
+        } else {
+            None
+        };
         let trace = run.trace.clone();
         let publishes = self.start_publishes(&commands, &trace).await;
         let slots = self.slots.clone();
@@ -364,8 +408,11 @@ impl Partition {
     /// Whether a run may go on after a rebuild: it has no concurrency key, has started, or holds its
     /// slot.
     async fn admitted(&self, run_id: &str) -> bool {
-        let Some((run, wf)) = self.runs.get(run_id) else { return false };
-        let started = run.steps.iter().any(|s| s.status != StepStatus::Pending) || run.status != Status::Running;
+        let Some((run, wf)) = self.runs.get(run_id) else {
+            return false;
+        };
+        let started = run.steps.iter().any(|s| s.status != StepStatus::Pending)
+            || run.status != Status::Running;
         match slot_of(run, wf) {
             Some(Ok(slot)) if !started => self.slots.holds(&slot, run_id).await.unwrap_or(false),
             _ => true,
@@ -374,31 +421,52 @@ impl Partition {
 
     /// Applies the workflow's concurrency key to a new run.
     async fn admit(&self, run: &Run, wf: &Workflow) -> Result<Admit, String> {
-        let (Some(c), Some(slot)) = (&wf.concurrency, slot_of(run, wf)) else { return Ok(Admit::Go) };
+        let (Some(c), Some(slot)) = (&wf.concurrency, slot_of(run, wf)) else {
+            return Ok(Admit::Go);
+        };
         let slot = match slot {
             Ok(slot) => slot,
-            Err(e) => return Ok(Admit::Skip(cancel(&run.id, format!("its concurrency key cannot be evaluated: {e}")))),
+            Err(e) => {
+                return Ok(Admit::Skip(Box::new(cancel(
+                    &run.id,
+                    format!("its concurrency key cannot be evaluated: {e}"),
+                ))));
+            }
         };
         let force = c.on_conflict == OnConflict::CancelPrevious;
-        Ok(match self.slots.acquire(&slot, &run.id, c.limit, force).await? {
-            Admission::Admitted => Admit::Go,
-            Admission::Full(active) => match c.on_conflict {
-                OnConflict::Queue => Admit::Later,
-                OnConflict::Skip => Admit::Skip(cancel(
-                    &run.id,
-                    format!("skipped: {} run(s) with the same concurrency key are active ({})", active.len(), active.join(", ")),
-                )),
-                OnConflict::CancelPrevious => {
-                    let oldest = active.len() + 1 - c.limit as usize;
-                    Admit::Preempt(
-                        active[..oldest.min(active.len())]
-                            .iter()
-                            .map(|id| cancel(id, format!("cancelled by run {} with the same concurrency key", run.id)))
-                            .collect(),
-                    )
-                }
+        Ok(
+            match self.slots.acquire(&slot, &run.id, c.limit, force).await? {
+                Admission::Admitted => Admit::Go,
+                Admission::Full(active) => match c.on_conflict {
+                    OnConflict::Queue => Admit::Later,
+                    OnConflict::Skip => Admit::Skip(Box::new(cancel(
+                        &run.id,
+                        format!(
+                            "skipped: {} run(s) with the same concurrency key are active ({})",
+                            active.len(),
+                            active.join(", ")
+                        ),
+                    ))),
+                    OnConflict::CancelPrevious => {
+                        let oldest = active.len() + 1 - c.limit as usize;
+                        Admit::Preempt(
+                            active[..oldest.min(active.len())]
+                                .iter()
+                                .map(|id| {
+                                    cancel(
+                                        id,
+                                        format!(
+                                            "cancelled by run {} with the same concurrency key",
+                                            run.id
+                                        ),
+                                    )
+                                })
+                                .collect(),
+                        )
+                    }
+                },
             },
-        })
+        )
     }
 
     /// Loads one run from the journal into `runs`, if it exists and has not ended.
@@ -419,10 +487,16 @@ impl Partition {
         let mut acks = Vec::with_capacity(commands.len() + 1);
         for command in commands {
             acks.push(self.publish(command, trace).await);
+            if let RunEvent::Ended(..) = command {
+                self.forget_waits(command.run_id());
+            }
             match command {
                 RunEvent::StepRequested(r) if r.kind == "workflow" => {
                     let extra = self.start_sub_run(r).await;
                     acks.push(self.publish(&extra, trace).await);
+                }
+                RunEvent::StepRequested(r) if r.kind == "wait" => {
+                    acks.push(Ok(Pending::Future(self.put_wait(r, trace))));
                 }
                 RunEvent::Ended(Ending::CompensationFailed, ended) => {
                     let letter = DeadLetter {
@@ -470,6 +544,59 @@ impl Partition {
             .await
             .map(Pending::Ack)
             .map_err(|e| e.to_string())
+    }
+
+    /// Stores a `wait` step's entry, for the matcher.
+    fn put_wait(
+        &self,
+        r: &baton_core::event::StepRequested,
+        trace: &Trace,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let workflow = match self.runs.get(&r.run_id) {
+            Some((run, _)) => run.workflow.clone(),
+            None => return Box::pin(async { Err("the run is not loaded".to_owned()) }),
+        };
+        let entry = crate::waits::WaitEntry::new(r, workflow, self.bus.partitions, trace);
+        let waits = self.waits.clone();
+        Box::pin(async move {
+            let value = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+            waits
+                .put(entry.kv_key(), value.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Deletes the wait entries of an ended run. Best effort: a leftover entry only lets the
+    /// matcher publish an outcome that the ended run ignores.
+    fn forget_waits(&self, run_id: &str) {
+        let Some((run, wf)) = self.runs.get(run_id) else {
+            return;
+        };
+        let mut keys = Vec::new();
+        for (spec, state) in wf.steps.iter().zip(&run.steps) {
+            if !matches!(spec.action, baton_workflow::Action::Wait(_))
+                || state.status == StepStatus::Pending
+            {
+                continue;
+            }
+            match state.item_count {
+                Some(n) => {
+                    keys.extend((0..n as u32).map(|i| crate::waits::key(run_id, &spec.id, Some(i))))
+                }
+                None => keys.push(crate::waits::key(run_id, &spec.id, None)),
+            }
+        }
+        let waits = self.waits.clone();
+        tokio::spawn(async move {
+            for k in keys {
+                // Deleting writes a marker: only for entries that are there.
+                if let Ok(Some(_)) = waits.get(&k).await {
+                    let _ = waits.delete(&k).await;
+                }
+            }
+        });
     }
 
     /// The `run.requested` of a `workflow` step's sub-run, or the step's failure when the workflow
@@ -531,7 +658,7 @@ enum Admit {
     /// Queued: try again later.
     Later,
     /// The run ends at once, cancelled with this event.
-    Skip(RunEvent),
+    Skip(Box<RunEvent>),
     /// The run starts, and these older runs are cancelled.
     Preempt(Vec<RunEvent>),
 }
@@ -540,13 +667,19 @@ enum Admit {
 const QUEUE_POLL: Duration = Duration::from_secs(2);
 
 fn cancel(run_id: &str, reason: String) -> RunEvent {
-    RunEvent::CancelRequested(event::CancelRequested { run_id: run_id.to_owned(), reason })
+    RunEvent::CancelRequested(event::CancelRequested {
+        run_id: run_id.to_owned(),
+        reason,
+    })
 }
 
 /// The concurrency slot of a run, if its workflow has a concurrency key.
 fn slot_of(run: &Run, wf: &Workflow) -> Option<Result<String, String>> {
     let c = wf.concurrency.as_ref()?;
-    let key = c.key.eval(&to_val(&run.context())).map_err(|e| e.to_string());
+    let key = c
+        .key
+        .eval(&to_val(&run.context()))
+        .map_err(|e| e.to_string());
     Some(key.map(|v| {
         let key = match v {
             serde_json::Value::String(s) => s,

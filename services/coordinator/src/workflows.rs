@@ -27,8 +27,12 @@ impl Workflows {
     pub async fn head_version(&self, name: &str) -> Result<u64, String> {
         match self.registry.head(name).await {
             Ok(Some(head)) if head.enabled => Ok(head.version),
-            Ok(Some(_)) => Err(format!("workflow {name} is disabled; enable it with `baton workflows enable {name}`")),
-            Ok(None) => Err(format!("workflow {name} is not in the registry; apply it with `baton apply`")),
+            Ok(Some(_)) => Err(format!(
+                "workflow {name} is disabled; enable it with `baton workflows enable {name}`"
+            )),
+            Ok(None) => Err(format!(
+                "workflow {name} is not in the registry; apply it with `baton apply`"
+            )),
             Err(e) => Err(e.to_string()),
         }
     }

@@ -11,6 +11,8 @@ pub const RUNS: &str = "BATON_RUNS";
 pub const EVENTS: &str = "BATON_EVENTS";
 pub const DLQ: &str = "BATON_DLQ";
 pub const WORKFLOWS_BUCKET: &str = "baton-workflows";
+/// The `wait` steps waiting for an event: `<run>.<step>` -> what the event must match.
+pub const WAITS_BUCKET: &str = "baton-waits";
 
 /// Stream metadata key that fixes the partition count of the journal for its whole life.
 const PARTITIONS_KEY: &str = "baton.partitions";
@@ -105,6 +107,18 @@ pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<u32,
         })
         .await
         .map_err(|e| err(WORKFLOWS_BUCKET)(e.into()))?;
+    }
+    if js.get_key_value(WAITS_BUCKET).await.is_err() {
+        js.create_key_value(kv::Config {
+            bucket: WAITS_BUCKET.into(),
+            description: "Baton waits: the wait steps that are waiting for an event".into(),
+            storage: stream::StorageType::File,
+            num_replicas: topology.replicas,
+            history: 1,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(WAITS_BUCKET)(e.into()))?;
     }
     Ok(partitions)
 }

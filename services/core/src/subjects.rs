@@ -60,7 +60,10 @@ pub fn coordinator_filters(partition: u32) -> Vec<String> {
 /// The step and compensation requests of one kind, across all partitions (a runner consumer's
 /// filters).
 pub fn step_requests(kind: &str) -> Vec<String> {
-    vec![format!("{RUNS}.*.*.step.{kind}.requested"), format!("{RUNS}.*.*.step.{kind}.compensate")]
+    vec![
+        format!("{RUNS}.*.*.step.{kind}.requested"),
+        format!("{RUNS}.*.*.step.{kind}.compensate"),
+    ]
 }
 
 /// Where external events of an origin (`http`, `github`, `nats` ...) are published.

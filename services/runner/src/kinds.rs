@@ -11,7 +11,10 @@ use crate::{Handler, StepContext};
 
 /// Every built-in kind, by name. `nats` sends its requests over `client`.
 pub fn builtin(client: async_nats::Client) -> HashMap<String, Handler> {
-    HashMap::from([("echo".to_owned(), echo()), ("nats".to_owned(), nats(client))])
+    HashMap::from([
+        ("echo".to_owned(), echo()),
+        ("nats".to_owned(), nats(client)),
+    ])
 }
 
 /// `echo`: its outputs are its input, so `with` (templated with jq) does the work. Meant for trying
