@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use baton_core::event::{self, Ending, RunEvent, RunRequested, WorkflowRef};
 use baton_core::registry::Registry;
 use baton_core::streams::Topology;
-use baton_core::{Bus, binding, streams};
+use baton_core::{Bus, streams};
 use baton_tests::{BatonProcess, Cluster, NatsServer, baton_command};
 use futures::future::join_all;
 
@@ -78,14 +78,8 @@ pub async fn start_run(bus: &Bus, name: &str, version: u64, input: serde_json::V
         trigger: None,
         parent: None,
     });
-    let (headers, body) =
-        binding::encode(&request.to_cloudevent("baton/test", &baton_core::trace::Trace::new()));
-    bus.js
-        .publish_with_headers(request.subject(bus.partitions), headers, body)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let trace = baton_core::trace::Trace::new();
+    bus.store("baton/test", [(&request, &trace)]).await.unwrap();
     run_id
 }
 

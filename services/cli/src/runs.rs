@@ -39,14 +39,10 @@ pub async fn apply_file(bus: &Bus, file: &Path) -> anyhow::Result<(baton_workflo
 
 /// Stores one run event in the journal, waiting for JetStream's ack.
 async fn publish(bus: &Bus, event: &RunEvent) -> anyhow::Result<()> {
-    let (headers, body) =
-        binding::encode(&event.to_cloudevent("baton/cli", &baton_core::trace::Trace::new()));
-    bus.js
-        .publish_with_headers(event.subject(bus.partitions), headers, body)
-        .await?
+    let trace = baton_core::trace::Trace::new();
+    bus.store("baton/cli", [(event, &trace)])
         .await
-        .with_context(|| format!("the {} event was not stored", event.ty()))?;
-    Ok(())
+        .map_err(|e| anyhow::anyhow!("the {} event was not stored: {e}", event.ty()))
 }
 
 /// Publishes `run.requested` for a new run and returns its id once the request is stored.

@@ -276,23 +276,13 @@ impl Matcher {
                 outcomes.push((k, outcome(&entry, wait.expect, &event_json), entry));
             }
         }
-        let mut acks = Vec::new();
-        for (_, outcome, entry) in &outcomes {
-            let (headers, body) = binding::encode(&outcome.to_cloudevent(SOURCE, &entry.trace()));
-            acks.push(
-                self.bus
-                    .js
-                    .publish_with_headers(outcome.subject(self.bus.partitions), headers, body)
-                    .await,
-            );
-        }
-        let mut stored = true;
-        for ack in acks {
-            stored &= match ack {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
-            };
-        }
+        let traces: Vec<_> = outcomes.iter().map(|(_, _, entry)| entry.trace()).collect();
+        let events: Vec<_> = outcomes
+            .iter()
+            .zip(&traces)
+            .map(|((_, o, _), t)| (o, t))
+            .collect();
+        let stored = self.bus.store(SOURCE, events).await.is_ok();
         if !stored {
             let _ = message
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))

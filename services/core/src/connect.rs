@@ -68,3 +68,28 @@ pub async fn connect(url: &str, name: &str, topology: &Topology) -> Result<Bus, 
         partitions,
     })
 }
+
+impl Bus {
+    /// Publishes run events (each with the trace it continues) from `source`, and waits until
+    /// JetStream has stored every one. Callers ack their input only after this succeeds.
+    pub async fn store<'a>(
+        &self,
+        source: &str,
+        events: impl IntoIterator<Item = (&'a crate::event::RunEvent, &'a crate::trace::Trace)>,
+    ) -> Result<(), String> {
+        let mut acks = Vec::new();
+        for (event, trace) in events {
+            let (headers, body) = crate::binding::encode(&event.to_cloudevent(source, trace));
+            let ack = self
+                .js
+                .publish_with_headers(event.subject(self.partitions), headers, body)
+                .await
+                .map_err(|e| e.to_string())?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}

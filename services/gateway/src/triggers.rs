@@ -144,7 +144,7 @@ impl Triggers {
         };
         // The run continues the event's trace.
         let trace = event::trace(&event).unwrap_or_default();
-        let mut acks = Vec::new();
+        let mut requests = Vec::new();
         for (name, version) in matches {
             let request = RunEvent::Requested(RunRequested {
                 run_id: event::triggered_run_id(name, &trigger.source, &trigger.id),
@@ -157,21 +157,16 @@ impl Triggers {
                 parent: None,
             });
             tracing::info!(workflow = %name, version, run = request.run_id(), event = %trigger.id, "event starts a run");
-            let (headers, body) = binding::encode(&request.to_cloudevent(SOURCE, &trace));
-            acks.push(
-                self.bus
-                    .js
-                    .publish_with_headers(request.subject(self.bus.partitions), headers, body)
-                    .await,
-            );
+            requests.push(request);
         }
-        let mut stored = true;
-        for ack in acks {
-            stored &= match ack {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
-            };
-        }
+        let stored = self
+            .bus
+            .store(
+                SOURCE,
+                requests.iter().map(|r| (r, &trace)).collect::<Vec<_>>(),
+            )
+            .await
+            .is_ok();
         let _ = if stored {
             message.ack().await
         } else {

@@ -238,27 +238,26 @@ impl Worker {
             return;
         }
         let event = attempt.outcome(outcome, started.elapsed().as_millis() as u64);
-        let (headers, body) = binding::encode(&event.to_cloudevent(SOURCE, &trace));
-        let subject = event.subject(self.bus.partitions);
-        let stored = match self
-            .bus
-            .js
-            .publish_with_headers(subject, headers, body)
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match stored {
-            Ok(()) => {
-                // Acked only now: a runner that dies before this point gets the request redelivered.
-                let _ = message.ack().await;
-            }
-            Err(error) => {
-                tracing::warn!(run = %request.run_id, step = %request.step, %error, "cannot store the outcome; the request will be redelivered");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+        // Keep trying to store the outcome (say, while a cluster elects a stream leader) and keep
+        // the request ours meanwhile: handing it back would run the step again.
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.bus.store(SOURCE, [(&event, &trace)]).await {
+                Ok(()) => {
+                    // Acked only now: a runner that dies before this point gets the request again.
+                    let _ = message.ack().await;
+                    return;
+                }
+                Err(error) if cancel.is_cancelled() => {
+                    tracing::warn!(run = %request.run_id, step = %request.step, %error, "shutting down before the outcome was stored; the request goes to another runner");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(run = %request.run_id, step = %request.step, %error, "cannot store the outcome yet; retrying");
+                    let _ = message.ack_with(AckKind::Progress).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
             }
         }
     }
