@@ -424,3 +424,44 @@ async fn a_three_node_cluster_loses_a_node_under_load_and_no_run_is_lost() {
     runs.push(warmup);
     assert_each_effect_once(&effects, &runs, &["a", "b", "c"]);
 }
+
+#[tokio::test]
+async fn a_timer_fires_while_every_baton_process_is_down() {
+    const SLEEPY: &str = r#"
+name: sleepy
+steps:
+  - id: nap
+    uses: sleep
+    with: { duration: 2s }
+  - id: after
+    uses: echo
+    with: { woke: true }
+outputs:
+  woke: ${{ .steps.after.outputs.woke }}
+"#;
+    let server = NatsServer::start();
+    let url = server.url();
+    let bus = bus(&url).await;
+    let version = apply(&bus, "sleepy", SLEEPY).await;
+    let mut baton = BatonProcess::start(&["serve", "--nats-url", &url, "--http", "127.0.0.1:0"]);
+    let run = start_run(&bus, "sleepy", version, serde_json::json!({})).await;
+    crate::wait_for(&bus, &run, Duration::from_secs(20), |events| {
+        events
+            .iter()
+            .any(|e| matches!(e.event, RunEvent::TimerScheduled(_)))
+    })
+    .await;
+    // Nothing of Baton runs when the timer is due; the server fires it, and Baton handles it later.
+    baton.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = journal(&bus, &run).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e.event, RunEvent::TimerFired(_))),
+        "the server fired the timer on its own: {events:#?}"
+    );
+    baton.restart();
+    let events = wait_for_end(&bus, &run, Duration::from_secs(20), || baton.log()).await;
+    assert_eq!(ending(&events), Some(Ending::Succeeded), "{events:#?}");
+}
