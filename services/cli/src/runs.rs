@@ -177,7 +177,7 @@ pub async fn follow(bus: &Bus, run_id: &str, timeout: Duration) -> anyhow::Resul
 
 /// One line about one event.
 fn describe(event: &RunEvent) -> String {
-    let item = |i: &Option<u32>| i.map(|i| format!("[{i}]")).unwrap_or_default();
+    let item = |i: &Option<u32>| event::item_label(*i);
     match event {
         RunEvent::Requested(r) => {
             format!("run requested: {} v{}", r.workflow.name, r.workflow.version)

@@ -11,8 +11,6 @@ use async_nats::jetstream::{self, kv};
 use baton_core::{streams, subjects};
 use serde::{Deserialize, Serialize};
 
-pub const BUCKET: &str = "baton-concurrency";
-
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Entry {
     /// Run ids, oldest first.
@@ -30,41 +28,24 @@ pub enum Admission {
 #[derive(Clone)]
 pub struct Slots {
     kv: kv::Store,
-    js: jetstream::Context,
+    /// The journal, where a holder's end is looked up.
+    runs: jetstream::stream::Stream,
     partitions: u32,
 }
 
 impl Slots {
-    /// Opens the bucket, creating it (with the journal's replicas) the first time.
     pub async fn open(js: &jetstream::Context, partitions: u32) -> Result<Slots, String> {
-        let kv = match js.get_key_value(BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => {
-                let mut runs = js
-                    .get_stream(streams::RUNS)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let replicas = runs
-                    .info()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .config
-                    .num_replicas;
-                js.create_key_value(kv::Config {
-                    bucket: BUCKET.into(),
-                    description: "Baton concurrency keys: the active runs of each key".into(),
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    history: 1,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?
-            }
-        };
+        let kv = js
+            .get_key_value(streams::CONCURRENCY_BUCKET)
+            .await
+            .map_err(|e| e.to_string())?;
+        let runs = js
+            .get_stream(streams::RUNS)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(Slots {
             kv,
-            js: js.clone(),
+            runs,
             partitions,
         })
     }
@@ -172,20 +153,21 @@ impl Slots {
     /// Whether the journal holds an end of the run: its last `run.*` event is an end.
     async fn has_ended(&self, run_id: &str) -> Result<bool, String> {
         let p = subjects::partition(run_id, self.partitions);
-        let stream = self
-            .js
-            .get_stream(streams::RUNS)
-            .await
-            .map_err(|e| e.to_string())?;
-        let last = stream
+        let last = self
+            .runs
             .get_last_raw_message_by_subject(&format!("{}.{p}.{run_id}.run.*", subjects::RUNS))
             .await;
-        Ok(match last {
-            Ok(m) => baton_core::event::Ending::ALL
+        match last {
+            Ok(m) => Ok(baton_core::event::Ending::ALL
                 .iter()
-                .any(|e| m.subject.ends_with(&format!(".run.{}", e.verb()))),
+                .any(|e| m.subject.ends_with(&format!(".run.{}", e.verb())))),
             // No event at all: nothing holds the slot.
-            Err(_) => true,
-        })
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(true)
+            }
+            // Unknown (say, during a leader election): the caller tries again rather than free
+            // the slot of a run that may be alive.
+            Err(e) => Err(e.to_string()),
+        }
     }
 }

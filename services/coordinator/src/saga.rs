@@ -415,7 +415,6 @@ impl Run {
                 item,
                 attempt,
             } => {
-                let after = t.due;
                 if let Some(e) = self.exec_mut(step, *item)
                     && e.attempt == *attempt
                 {
@@ -425,7 +424,7 @@ impl Run {
                             e.settle(*attempt, Ok(json!({ "event": null })));
                             self.step_progressed(step);
                         } else {
-                            e.settle(*attempt, Err(timeout_error(after)));
+                            e.settle(*attempt, Err(timeout_error()));
                         }
                     }
                 }
@@ -459,7 +458,7 @@ impl Run {
                     if c.attempt == *attempt {
                         c.timer_scheduled = true;
                         if fired && c.state == ExecState::Requested {
-                            c.settle(*attempt, Err(timeout_error(t.due)));
+                            c.settle(*attempt, Err(timeout_error()));
                         }
                     }
                 }
@@ -1155,7 +1154,7 @@ impl Run {
 
     /// The id of the sub-run a `workflow` step starts.
     pub fn child_run_id(&self, step: &str, attempt: u32) -> String {
-        format!("{}-{step}-{attempt}", self.id)
+        baton_core::event::child_run_id(&self.id, step, attempt)
     }
 
     /// What expressions see: `.inputs`, `.event`, `.steps.<id>.outputs` and `.status`, `.run`.
@@ -1183,9 +1182,10 @@ impl Run {
     }
 }
 
-fn timeout_error(_due: DateTime<Utc>) -> StepError {
+fn timeout_error() -> StepError {
     StepError {
-        message: "the attempt timed out".into(),
+        message: "the attempt timed out; give the step a longer `timeout` if it needs more time"
+            .into(),
         retryable: true,
         code: Some("timeout".into()),
     }

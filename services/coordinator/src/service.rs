@@ -521,7 +521,7 @@ impl Partition {
     async fn publish(&self, command: &RunEvent, trace: &Trace) -> PublishResult {
         let ce = command.to_cloudevent(SOURCE, trace);
         let (mut headers, body) = binding::encode(&ce);
-        let mut subject = command.subject(self.bus.partitions);
+        let subject = command.subject(self.bus.partitions);
         if let RunEvent::TimerScheduled(timer) = command {
             // nats-server holds the message and writes it to `.fired` at `due`.
             let fired = RunEvent::TimerFired(timer.clone()).subject(self.bus.partitions);
@@ -536,7 +536,6 @@ impl Partition {
                 .as_str(),
             );
             headers.insert("Nats-Schedule-Target", fired.as_str());
-            subject = command.subject(self.bus.partitions);
         }
         self.bus
             .js
@@ -612,7 +611,7 @@ impl Partition {
         };
         match version {
             Ok(version) => RunEvent::Requested(RunRequested {
-                run_id: format!("{}-{}-{}", step.run_id, step.step, step.attempt),
+                run_id: event::child_run_id(&step.run_id, &step.step, step.attempt),
                 workflow: WorkflowRef { name, version },
                 input: step.input["inputs"].clone(),
                 trigger: None,

@@ -423,7 +423,7 @@ impl RunEvent {
 
     /// The deterministic CloudEvent id (and `Nats-Msg-Id`).
     pub fn id(&self) -> String {
-        let item = |i: &Option<u32>| i.map(|i| format!("[{i}]")).unwrap_or_default();
+        let item = |i: &Option<u32>| item_label(*i);
         match self {
             RunEvent::Requested(e) => format!("{}.requested", e.run_id),
             RunEvent::CancelRequested(e) => format!("{}.cancel-requested", e.run_id),
@@ -456,28 +456,38 @@ impl RunEvent {
                 )
             }
             // Completed and failed share an id: only the first outcome of an attempt is stored.
-            RunEvent::StepCompleted(e) => format!(
-                "{}.{}{}.{}.outcome",
-                e.run_id,
-                e.step,
-                item(&e.item),
-                e.attempt
-            ),
-            RunEvent::StepFailed(e) => format!(
-                "{}.{}{}.{}.outcome",
-                e.run_id,
-                e.step,
-                item(&e.item),
-                e.attempt
-            ),
+            RunEvent::StepCompleted(StepCompleted {
+                run_id,
+                step,
+                item: i,
+                attempt,
+                ..
+            })
+            | RunEvent::StepFailed(StepFailed {
+                run_id,
+                step,
+                item: i,
+                attempt,
+                ..
+            }) => {
+                format!("{run_id}.{step}{}.{attempt}.outcome", item(i))
+            }
             RunEvent::CompensationRequested(e) => {
                 format!("{}.{}.c{}.requested", e.run_id, e.step, e.attempt)
             }
-            RunEvent::CompensationCompleted(e) => {
-                format!("{}.{}.c{}.outcome", e.run_id, e.step, e.attempt)
-            }
-            RunEvent::CompensationFailed(e) => {
-                format!("{}.{}.c{}.outcome", e.run_id, e.step, e.attempt)
+            RunEvent::CompensationCompleted(StepCompleted {
+                run_id,
+                step,
+                attempt,
+                ..
+            })
+            | RunEvent::CompensationFailed(StepFailed {
+                run_id,
+                step,
+                attempt,
+                ..
+            }) => {
+                format!("{run_id}.{step}.c{attempt}.outcome")
             }
             RunEvent::TimerScheduled(t) | RunEvent::TimerFired(t) => {
                 format!("{}.{}.{}", t.run_id, t.name(), t.number())
@@ -597,6 +607,11 @@ impl RunEvent {
     }
 }
 
+/// How ids and messages name the item of a `for-each` step: `[3]`, or nothing.
+pub fn item_label(item: Option<u32>) -> String {
+    item.map(|i| format!("[{i}]")).unwrap_or_default()
+}
+
 /// The data of a CloudEvent as JSON: parsed from bytes or text when it arrived in binary mode.
 pub fn event_data(event: &Event) -> Result<Value, serde_json::Error> {
     match event.data() {
@@ -638,6 +653,11 @@ pub fn triggered_run_id(workflow: &str, source: &str, event_id: &str) -> String 
     use sha2::{Digest, Sha256};
     let hash = Sha256::digest(format!("{workflow}\0{source}\0{event_id}").as_bytes());
     hash.iter().take(13).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The id of the sub-run that attempt `attempt` of a `workflow` step starts.
+pub fn child_run_id(run_id: &str, step: &str, attempt: u32) -> String {
+    format!("{run_id}-{step}-{attempt}")
 }
 
 /// A new id for a run started by hand: a ULID, sortable by start time.

@@ -13,6 +13,8 @@ pub const DLQ: &str = "BATON_DLQ";
 pub const WORKFLOWS_BUCKET: &str = "baton-workflows";
 /// The `wait` steps waiting for an event: `<run>.<step>` -> what the event must match.
 pub const WAITS_BUCKET: &str = "baton-waits";
+/// The active runs of each concurrency key: `<workflow>.<key hash>` -> run ids.
+pub const CONCURRENCY_BUCKET: &str = "baton-concurrency";
 
 /// Stream metadata key that fixes the partition count of the journal for its whole life.
 const PARTITIONS_KEY: &str = "baton.partitions";
@@ -96,29 +98,32 @@ pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<u32,
         .map_err(|e| err(name)(e.into()))?;
     }
 
-    if js.get_key_value(WORKFLOWS_BUCKET).await.is_err() {
-        js.create_key_value(kv::Config {
-            bucket: WORKFLOWS_BUCKET.into(),
-            description: "Baton workflow registry: immutable versions and heads".into(),
-            storage: stream::StorageType::File,
-            num_replicas: topology.replicas,
-            history: 1,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err(WORKFLOWS_BUCKET)(e.into()))?;
-    }
-    if js.get_key_value(WAITS_BUCKET).await.is_err() {
-        js.create_key_value(kv::Config {
-            bucket: WAITS_BUCKET.into(),
-            description: "Baton waits: the wait steps that are waiting for an event".into(),
-            storage: stream::StorageType::File,
-            num_replicas: topology.replicas,
-            history: 1,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err(WAITS_BUCKET)(e.into()))?;
+    for (bucket, description) in [
+        (
+            WORKFLOWS_BUCKET,
+            "Baton workflow registry: immutable versions and heads",
+        ),
+        (
+            WAITS_BUCKET,
+            "Baton waits: the wait steps that are waiting for an event",
+        ),
+        (
+            CONCURRENCY_BUCKET,
+            "Baton concurrency keys: the active runs of each key",
+        ),
+    ] {
+        if js.get_key_value(bucket).await.is_err() {
+            js.create_key_value(kv::Config {
+                bucket: bucket.into(),
+                description: description.into(),
+                storage: stream::StorageType::File,
+                num_replicas: topology.replicas,
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err(bucket)(e.into()))?;
+        }
     }
     Ok(partitions)
 }
