@@ -82,7 +82,7 @@ async fn load(bus: &Bus, run_id: &str) -> anyhow::Result<(Run, Vec<Journaled>)> 
     else {
         bail!("no run with id {run_id}; ids are printed by `baton run` and in the gateway's log");
     };
-    let workflows = baton_coordinator::workflows::Workflows::new(Registry::open(&bus.js).await?);
+    let workflows = baton_core::workflows::Workflows::new(Registry::open(&bus.js).await?);
     let workflow = workflows
         .get(&request.workflow.name, request.workflow.version)
         .await

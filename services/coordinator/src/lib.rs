@@ -7,6 +7,5 @@ pub mod concurrency;
 pub mod saga;
 pub mod service;
 pub mod waits;
-pub mod workflows;
 
 pub use service::{Coordinator, Options};

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use crate::concurrency::{Admission, Slots};
 use crate::saga::{Clock, Run, Status, StepStatus};
-use crate::workflows::Workflows;
+use baton_core::workflows::Workflows;
 use baton_workflow::OnConflict;
 use baton_workflow::expr::to_val;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, kv};
 use baton_core::event::{
-    self, RunEvent, StepCompleted, StepError, StepFailed, StepRequested, Trigger, WorkflowRef,
+    RunEvent, StepCompleted, StepError, StepFailed, StepRequested, Trigger, WorkflowRef,
 };
 use baton_core::shutdown::CancellationToken;
 use baton_core::trace::Trace;
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::service::Error;
-use crate::workflows::Workflows;
+use baton_core::workflows::Workflows;
 
 const SOURCE: &str = "baton/coordinator";
 const DURABLE: &str = "waits";
@@ -239,14 +239,7 @@ impl Matcher {
             let _ = message.ack().await;
             return;
         }
-        let event_json = serde_json::to_value(Trigger {
-            id: ce.id().to_owned(),
-            source: ce.source().to_string(),
-            ty: ce.ty().to_owned(),
-            subject: ce.subject().map(str::to_owned),
-            data: event::data_value(&ce),
-        })
-        .unwrap_or_default();
+        let event_json = serde_json::to_value(Trigger::from_event(&ce)).unwrap_or_default();
         let mut outcomes = Vec::new();
         for (k, entry) in candidates {
             let wf = match self

@@ -49,8 +49,41 @@ pub struct Trigger {
     pub ty: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
     #[serde(default)]
     pub data: Value,
+    /// Extension attributes (`traceparent`, `partitionkey`, ...) by name.
+    #[serde(flatten)]
+    pub extensions: std::collections::BTreeMap<String, Value>,
+}
+
+impl Trigger {
+    /// The event as expressions see it: its attributes at the top, `data` parsed when it is JSON.
+    pub fn from_event(event: &Event) -> Trigger {
+        use cloudevents::event::ExtensionValue;
+        Trigger {
+            id: event.id().to_owned(),
+            source: event.source().to_string(),
+            ty: event.ty().to_owned(),
+            subject: event.subject().map(str::to_owned),
+            time: event
+                .time()
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+            data: data_value(event),
+            extensions: event
+                .iter_extensions()
+                .map(|(name, value)| {
+                    let value = match value {
+                        ExtensionValue::String(s) => Value::String(s.clone()),
+                        ExtensionValue::Boolean(b) => Value::Bool(*b),
+                        ExtensionValue::Integer(i) => Value::from(*i),
+                    };
+                    (name.to_owned(), value)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The step of another run that started this one (a sub-workflow), and waits for its end.

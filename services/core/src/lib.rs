@@ -19,6 +19,7 @@ pub mod streams;
 pub mod subjects;
 pub mod telemetry;
 pub mod trace;
+pub mod workflows;
 
 pub use cloudevents::Event;
 pub use connect::{Bus, connect};

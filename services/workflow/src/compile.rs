@@ -11,9 +11,9 @@ use crate::expr::{Batch, CompileError, Expr, Reference, Template, split_template
 use crate::graph;
 use crate::yaml::{self, Key, Node, Pos, Source, Yaml};
 use crate::{
-    Action, Approval, Backoff, Builtin, Call, Compensation, Concurrency, Expect, ForEach, Input,
-    InputType, OnConflict, OnFailure, Pattern, Problem, Problems, Retry, RetryOn, Step, Trigger,
-    Uses, Wait, Workflow,
+    Action, Approval, Backoff, Builtin, Call, Compensation, Concurrency, Expect, Flow, ForEach,
+    Input, InputType, OnConflict, OnFailure, Pattern, Problem, Problems, Retry, RetryOn, Step,
+    Trigger, Uses, Wait, Workflow,
 };
 
 /// The keys of each mapping in the format. `schemas/workflow.schema.json` has the same lists (a
@@ -28,7 +28,10 @@ pub(crate) const WORKFLOW_KEYS: &[&str] = &[
     "timeout",
     "concurrency",
 ];
-pub(crate) const TRIGGER_KEYS: &[&str] = &["type", "source", "subject", "filter"];
+pub(crate) const TRIGGER_KEYS: &[&str] = &[
+    "type", "source", "subject", "filter", "key", "dedup", "debounce", "rate",
+];
+pub(crate) const RATE_KEYS: &[&str] = &["limit", "per"];
 pub(crate) const INPUT_KEYS: &[&str] = &["type", "default", "required", "description"];
 pub(crate) const STEP_KEYS: &[&str] = &[
     "id",
@@ -651,6 +654,8 @@ impl<'s> Compiler<'s> {
                         source: None,
                         subject: None,
                         filter: None,
+                        key: None,
+                        flow: None,
                     });
                 } else {
                     let _ = ty;
@@ -679,16 +684,81 @@ impl<'s> Compiler<'s> {
             let filter = obj
                 .get("filter")
                 .and_then(|n| self.expression(n, &obj.path("filter"), event_scope));
+            let key = obj
+                .get("key")
+                .and_then(|n| self.expression(n, &obj.path("key"), event_scope));
+            let flow = self.flow(&obj);
             if let Some(ty) = ty {
                 triggers.push(Trigger {
                     ty,
                     source,
                     subject,
                     filter,
+                    key,
+                    flow: flow.unwrap_or_default(),
                 });
             }
         }
         triggers
+    }
+
+    /// A trigger's `dedup`, `debounce` or `rate`: at most one of them. `None` when one is invalid.
+    fn flow(&mut self, obj: &Obj<'_>) -> Option<Option<Flow>> {
+        let given: Vec<(&str, &Node)> = ["dedup", "debounce", "rate"]
+            .into_iter()
+            .filter_map(|k| obj.get(k).map(|n| (k, n)))
+            .collect();
+        let (name, node) = match given.as_slice() {
+            [] => return Some(None),
+            [one] => *one,
+            [_, (second, node), ..] => {
+                self.problem(
+                    node,
+                    &obj.path(second),
+                    format!(
+                        "a trigger takes one of `dedup`, `debounce` and `rate`, not {}",
+                        given.iter().map(|(k, _)| format!("`{k}`")).collect::<Vec<_>>().join(" and ")
+                    ),
+                    Some("dedup starts the first run of a burst at once, debounce starts one run after the burst, rate allows N runs per period: choose one"),
+                );
+                return None;
+            }
+        };
+        let at = obj.path(name);
+        let flow = match name {
+            "dedup" => Flow::Window {
+                limit: 1,
+                per: self.duration(node, &at)?,
+            },
+            "debounce" => Flow::Debounce(self.duration(node, &at)?),
+            _ => {
+                let rate = self.object(node, &at, "`rate`", RATE_KEYS, &["limit", "per"])?;
+                let limit = rate
+                    .get("limit")
+                    .and_then(|n| self.integer(n, &rate.path("limit"), 1, 1_000_000));
+                let per = rate
+                    .get("per")
+                    .and_then(|n| self.duration(n, &rate.path("per")));
+                Flow::Window {
+                    limit: limit? as u32,
+                    per: per?,
+                }
+            }
+        };
+        let length = match flow {
+            Flow::Window { per, .. } => per,
+            Flow::Debounce(d) => d,
+        };
+        if length.is_zero() || length > Flow::MAX {
+            self.problem(
+                node,
+                &at,
+                format!("`{name}` must be longer than 0 and at most 7 days"),
+                Some(DURATION_HINT),
+            );
+            return None;
+        }
+        Some(Some(flow))
     }
 
     fn event_type(&mut self, node: &Node, at: &str) -> Option<String> {

@@ -63,6 +63,28 @@ pub struct Trigger {
     /// A jq condition over the event (`.id`, `.source`, `.type`, `.subject`, `.time`, `.data`
     /// and extensions); the run starts only when it is true.
     pub filter: Option<Expr>,
+    /// A jq expression over the event that names its flow-control key: events with equal keys are
+    /// deduplicated, debounced and rate-limited together. Without it, all events of the trigger
+    /// share one key.
+    pub key: Option<Expr>,
+    /// How a burst of matching events with one key becomes runs.
+    pub flow: Option<Flow>,
+}
+
+/// Flow control of a trigger, per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// At most `limit` runs per key in a window of `per` that opens with the key's first run;
+    /// further events in the window start nothing. `dedup: 10m` is `limit: 1, per: 10m`.
+    Window { limit: u32, per: Duration },
+    /// A run starts once the key has been quiet for this long, with the last event of the burst:
+    /// 500 events inside the window coalesce into one run.
+    Debounce(Duration),
+}
+
+impl Flow {
+    /// The longest window or debounce a trigger may have: flow-control state is kept this long.
+    pub const MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 }
 
 impl Trigger {

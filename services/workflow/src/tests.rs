@@ -34,6 +34,8 @@ fn compiles_a_workflow_into_a_graph() {
             source: None,
             subject: None,
             filter: None,
+            key: None,
+            flow: None,
         }]
     );
     let needs: Vec<_> = wf
@@ -246,6 +248,59 @@ fn the_alert_remediation_compiles_to_its_graph() {
     let warning = json!({"type": "io.prometheus.alertmanager.alert.firing", "source": "am", "data": {"labels": {"severity": "warning"}}});
     assert!(wf.triggers[0].matches(&critical).unwrap());
     assert!(!wf.triggers[0].matches(&warning).unwrap());
+    assert_eq!(
+        wf.triggers[0].flow,
+        Some(Flow::Debounce(Duration::from_secs(10)))
+    );
+    let key = wf.triggers[0].key.as_ref().unwrap();
+    assert_eq!(
+        key.eval(&expr::to_val(&json!({"subject": "cca51dbc6694a268"})))
+            .unwrap(),
+        json!("cca51dbc6694a268")
+    );
+}
+
+#[test]
+fn triggers_take_one_flow_control_setting() {
+    let on = |flow: &str| {
+        compile(&format!(
+            "name: x\non:\n  - type: t\n    key: ${{{{ .subject }}}}\n{flow}steps:\n  - id: a\n    uses: echo\n"
+        ))
+    };
+    let flow = |text: &str| on(text).unwrap().triggers[0].flow;
+    assert_eq!(
+        flow("    dedup: 10m\n"),
+        Some(Flow::Window {
+            limit: 1,
+            per: Duration::from_secs(600)
+        })
+    );
+    assert_eq!(
+        flow("    rate: { limit: 5, per: 1h }\n"),
+        Some(Flow::Window {
+            limit: 5,
+            per: Duration::from_secs(3600)
+        })
+    );
+    assert_eq!(
+        flow("    debounce: 30s\n"),
+        Some(Flow::Debounce(Duration::from_secs(30)))
+    );
+    assert_eq!(flow(""), None);
+    let problem = |text: &str| on(text).unwrap_err().0.remove(0);
+    let both = problem("    dedup: 1m\n    debounce: 30s\n");
+    assert_eq!(both.at, "on[0].debounce");
+    assert!(
+        both.message
+            .contains("one of `dedup`, `debounce` and `rate`"),
+        "{both:?}"
+    );
+    let long = problem("    debounce: 8d\n");
+    assert!(long.message.contains("at most 7 days"), "{long:?}");
+    let rate = problem("    rate: { limit: 0, per: 1h }\n");
+    assert_eq!(rate.at, "on[0].rate.limit");
+    let missing = problem("    rate: { limit: 3 }\n");
+    assert!(missing.message.contains("per"), "{missing:?}");
 }
 
 #[test]

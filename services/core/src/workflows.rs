@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use baton_core::registry::Registry;
+use crate::registry::Registry;
 use baton_workflow::Workflow;
 
 /// (name, version) -> compiled workflow.
