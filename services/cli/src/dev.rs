@@ -24,6 +24,9 @@ const EXAMPLES: &[(&str, &str)] = &[
     ),
 ];
 
+/// The GitHub webhook secret of the dev stack, unless BATON_GITHUB_SECRET is set.
+const DEV_GITHUB_SECRET: &str = "baton-dev";
+
 /// The demo's sample event: a real GitHub "release published" delivery body.
 const SAMPLE_RELEASE: &str =
     include_str!("../../../tests/fixtures/github/payloads/release__published.json");
@@ -93,9 +96,22 @@ async fn serve(
     }
 
     let shutdown = baton_core::shutdown::on_signal();
+    // The dev stack accepts webhooks without a token; GitHub deliveries are signed with this secret.
+    let github_secret =
+        std::env::var("BATON_GITHUB_SECRET").unwrap_or_else(|_| DEV_GITHUB_SECRET.to_owned());
+    println!(
+        "  gateway  http://{http}: /events (CloudEvents), /webhooks/github (secret {github_secret:?}), /webhooks/alertmanager"
+    );
+    let gateway = baton_gateway::HttpOptions {
+        listen: http,
+        token: None,
+        github_secret: Some(github_secret),
+        max_bytes: baton_core::binding::Limits::default().max_bytes,
+        allowed_origins: Vec::new(),
+    };
     let services = tokio::spawn(run_services(
         bus.clone(),
-        Some(http),
+        Some(gateway),
         Duration::from_secs(30),
         shutdown.clone(),
     ));

@@ -2,6 +2,7 @@
 
 mod deadletters;
 mod dev;
+mod events;
 mod runs;
 mod server;
 mod workflows;
@@ -31,7 +32,7 @@ struct Cli {
 }
 
 #[derive(Args, Clone)]
-struct Nats {
+pub(crate) struct Nats {
     /// The NATS server (JetStream enabled, version 2.12 or newer).
     #[arg(
         long,
@@ -52,6 +53,35 @@ impl Nats {
             ..Topology::default()
         };
         Ok(baton_core::connect(&self.nats_url, name, &topology).await?)
+    }
+}
+
+/// The gateway's HTTP server.
+#[derive(Args, Clone)]
+struct HttpArgs {
+    /// Address of the HTTP server.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Bearer token required on /events and /webhooks/alertmanager (none: no token is asked).
+    #[arg(long, env = "BATON_GATEWAY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Secret of the GitHub webhook; enables /webhooks/github.
+    #[arg(long, env = "BATON_GITHUB_SECRET", hide_env_values = true)]
+    github_secret: Option<String>,
+    /// Origins that may pass the CloudEvents webhook handshake (repeat; none: any origin).
+    #[arg(long = "allowed-origin")]
+    allowed_origins: Vec<String>,
+}
+
+impl HttpArgs {
+    fn options(self) -> baton_gateway::HttpOptions {
+        baton_gateway::HttpOptions {
+            listen: self.http,
+            token: self.token,
+            github_secret: self.github_secret,
+            max_bytes: baton_core::binding::Limits::default().max_bytes,
+            allowed_origins: self.allowed_origins,
+        }
     }
 }
 
@@ -96,13 +126,19 @@ enum Command {
         #[command(subcommand)]
         command: RunsCommand,
     },
+    /// Publish a CloudEvent, given by flags or a JSON file, and wait until it is stored.
+    Send(events::Send),
+    /// Events as they pass.
+    Events {
+        #[command(subcommand)]
+        command: events::Command,
+    },
     /// Run every service (coordinator, runner, gateway) in one process against a NATS server.
     Serve {
         #[command(flatten)]
         nats: Nats,
-        /// Address of the gateway's HTTP server.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: SocketAddr,
+        #[command(flatten)]
+        http: HttpArgs,
         /// Seconds without progress after which a step request goes to another runner.
         #[arg(long, default_value_t = 30)]
         runner_ack_wait: u64,
@@ -137,9 +173,8 @@ enum Command {
     Gateway {
         #[command(flatten)]
         nats: Nats,
-        /// Address of the HTTP server.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: SocketAddr,
+        #[command(flatten)]
+        http: HttpArgs,
     },
     /// Print the path of a nats-server that Baton can use, installing the pinned one if needed.
     NatsServer,
@@ -279,7 +314,7 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             let shutdown = baton_core::shutdown::on_signal();
             run_services(
                 bus,
-                Some(http),
+                Some(http.options()),
                 Duration::from_secs(runner_ack_wait),
                 shutdown,
             )
@@ -326,8 +361,20 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             telemetry::init(format, "info,async_nats=warn");
             let bus = nats.connect("baton-gateway").await?;
             let shutdown = baton_core::shutdown::on_signal();
-            baton_gateway::run(bus, baton_gateway::Options { listen: Some(http) }, shutdown)
-                .await?;
+            let options = baton_gateway::Options {
+                http: Some(http.options()),
+            };
+            baton_gateway::run(bus, options, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send(send) => {
+            telemetry::init(format, "warn");
+            events::send(send).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events { command } => {
+            telemetry::init(format, "warn");
+            events::run(command).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Deadletters { command, nats } => {
@@ -358,7 +405,7 @@ fn exit_code(ending: baton_core::event::Ending) -> std::process::ExitCode {
 /// Runs every Baton service in this process until `shutdown` is cancelled.
 pub(crate) async fn run_services(
     bus: baton_core::Bus,
-    http: Option<SocketAddr>,
+    http: Option<baton_gateway::HttpOptions>,
     runner_ack_wait: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -396,7 +443,7 @@ pub(crate) async fn run_services(
             )
         },
         async {
-            let options = baton_gateway::Options { listen: http };
+            let options = baton_gateway::Options { http };
             stop_all(
                 baton_gateway::run(bus.clone(), options, shutdown.clone())
                     .await

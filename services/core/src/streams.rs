@@ -15,6 +15,8 @@ pub const WORKFLOWS_BUCKET: &str = "baton-workflows";
 pub const WAITS_BUCKET: &str = "baton-waits";
 /// The active runs of each concurrency key: `<workflow>.<key hash>` -> run ids.
 pub const CONCURRENCY_BUCKET: &str = "baton-concurrency";
+/// The windows of trigger flow control (`dedup`, `rate`): `<key id>` -> start and admitted runs.
+pub const FLOW_BUCKET: &str = "baton-flow";
 
 /// Stream metadata key that fixes the partition count of the journal for its whole life.
 const PARTITIONS_KEY: &str = "baton.partitions";
@@ -98,18 +100,28 @@ pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<u32,
         .map_err(|e| err(name)(e.into()))?;
     }
 
-    for (bucket, description) in [
+    // The longest trigger window (`Flow::MAX`): an entry untouched that long has expired anyway.
+    let week = Duration::from_secs(7 * 24 * 3600);
+    for (bucket, description, max_age) in [
         (
             WORKFLOWS_BUCKET,
             "Baton workflow registry: immutable versions and heads",
+            Duration::ZERO,
         ),
         (
             WAITS_BUCKET,
             "Baton waits: the wait steps that are waiting for an event",
+            Duration::ZERO,
         ),
         (
             CONCURRENCY_BUCKET,
             "Baton concurrency keys: the active runs of each key",
+            Duration::ZERO,
+        ),
+        (
+            FLOW_BUCKET,
+            "Baton trigger flow control: the window of each key",
+            week,
         ),
     ] {
         if js.get_key_value(bucket).await.is_err() {
@@ -119,6 +131,7 @@ pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<u32,
                 storage: stream::StorageType::File,
                 num_replicas: topology.replicas,
                 history: 1,
+                max_age,
                 ..Default::default()
             })
             .await

@@ -33,6 +33,13 @@ pub fn timer_event(partition: u32, run_id: &str, name: &str, verb: &str) -> Stri
     format!("{RUNS}.{partition}.{run_id}.timer.{name}.{verb}")
 }
 
+/// `baton.run.debounce.<key id>`: the schedule of a debounced trigger key. Outside every partition
+/// (`<p>` is a number), so no coordinator reads it; the server writes the `run.requested` it holds
+/// to the run's own subject when it fires.
+pub fn debounce(key_id: &str) -> String {
+    format!("{RUNS}.debounce.{key_id}")
+}
+
 /// Everything of one run: `baton.run.<p>.<run>.>`
 pub fn run_all(partition: u32, run_id: &str) -> String {
     format!("{RUNS}.{partition}.{run_id}.>")

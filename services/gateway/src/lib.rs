@@ -1,10 +1,16 @@
 //! The gateway: where external events enter Baton.
 //!
-//! - [`http`]: the HTTP server (health and readiness today; CloudEvents and webhook endpoints next);
+//! - [`http`]: the HTTP server: CloudEvents, GitHub and Alertmanager webhooks, health;
+//! - [`github`], [`alertmanager`]: the pure mappings of webhook deliveries to CloudEvents;
+//! - [`ingress`]: storing accepted events in `BATON_EVENTS`;
 //! - [`triggers`]: the consumer of `BATON_EVENTS` that starts a run of every workflow whose trigger
-//!   matches an event.
+//!   matches an event, with the trigger's flow control ([`flow`]).
 
+pub mod alertmanager;
+pub mod flow;
+pub mod github;
 pub mod http;
+pub mod ingress;
 pub mod triggers;
 
 use std::net::SocketAddr;
@@ -15,8 +21,38 @@ use baton_core::shutdown::CancellationToken;
 /// Gateway settings.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Where the HTTP server listens; `None` runs only the trigger consumer.
-    pub listen: Option<SocketAddr>,
+    /// The HTTP server; `None` runs only the trigger consumer.
+    pub http: Option<HttpOptions>,
+}
+
+/// HTTP server settings.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub listen: SocketAddr,
+    /// The bearer token required on `/events` and `/webhooks/alertmanager`; `None`: no token.
+    pub token: Option<String>,
+    /// The secret GitHub signs deliveries with; `None` disables `/webhooks/github`.
+    pub github_secret: Option<String>,
+    /// Largest request body accepted.
+    pub max_bytes: usize,
+    /// Origins that pass the webhook handshake; empty: any.
+    pub allowed_origins: Vec<String>,
+}
+
+/// A request the gateway refuses: the status and a message that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: ::http::StatusCode,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(status: ::http::StatusCode, message: impl Into<String>) -> Rejection {
+        Rejection {
+            status,
+            message: message.into(),
+        }
+    }
 }
 
 /// Why the gateway stopped.
@@ -39,8 +75,8 @@ pub enum Error {
 pub async fn run(bus: Bus, options: Options, shutdown: CancellationToken) -> Result<(), Error> {
     let triggers = triggers::Triggers::new(bus.clone()).await?;
     let server = async {
-        match options.listen {
-            Some(addr) => http::serve(addr, bus.clone(), shutdown.clone()).await,
+        match options.http {
+            Some(http) => http::serve(http.listen, bus.clone(), http, shutdown.clone()).await,
             None => Ok(()),
         }
     };

@@ -1,20 +1,29 @@
-//! Trigger matching: every event in `BATON_EVENTS` starts a run of each active workflow whose `on:`
-//! names its type. The run id is derived from (workflow, event source, event id), so a redelivered
-//! event republishes the same `run.requested`, which JetStream drops as a duplicate. The event is
-//! acked only after every `run.requested` it caused is stored.
+//! Trigger matching: every event in `BATON_EVENTS` is matched against the `on:` clauses of every
+//! enabled workflow (type, source and subject patterns, jq filter), through an index by type, and
+//! starts a run of each that matches, through the trigger's flow control.
+//!
+//! The run id is derived from (workflow, event source, event id), so a redelivered event requests
+//! the same run again, which JetStream drops as a duplicate. The event is acked only after every
+//! `run.requested` (or debounce schedule) it caused is stored.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, AckKind, consumer};
-use baton_core::event::{self, RunEvent, RunRequested, Trigger, WorkflowRef};
+use async_nats::jetstream::{self, AckKind, consumer, kv};
+use baton_core::event::{self, RunEvent, RunRequested, Trigger as EventJson, WorkflowRef};
 use baton_core::registry::Registry;
 use baton_core::shutdown::CancellationToken;
+use baton_core::workflows::Workflows;
 use baton_core::{Bus, binding, dlq, streams};
-use cloudevents::AttributesReader;
+use baton_workflow::{Flow, Trigger, Workflow};
+use cloudevents::{AttributesReader, Event};
 use futures::StreamExt;
+use serde_json::Value;
 
-const SOURCE: &str = "baton/gateway";
+use crate::flow::{self, Decision};
+
+pub(crate) const SOURCE: &str = "baton/gateway";
 /// A miss reloads the index at most this often, so a workflow applied a moment ago is found.
 const RELOAD_ON_MISS: Duration = Duration::from_millis(200);
 /// The index is reloaded at least this often.
@@ -32,27 +41,117 @@ fn jserr<E: std::fmt::Display>(e: E) -> Error {
     Error::JetStream(e.to_string())
 }
 
+/// One trigger of one workflow version.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub workflow: Arc<Workflow>,
+    pub version: u64,
+    /// Its position in `on:`.
+    pub position: usize,
+}
+
+impl Entry {
+    fn trigger(&self) -> &Trigger {
+        &self.workflow.triggers[self.position]
+    }
+}
+
+/// The triggers of the enabled workflows, by event type: an event is checked only against the
+/// triggers of its own type, however many workflows there are.
+#[derive(Debug, Default)]
+pub struct Index {
+    by_type: HashMap<String, Vec<Entry>>,
+}
+
+impl Index {
+    pub fn add(&mut self, workflow: Arc<Workflow>, version: u64) {
+        for (position, trigger) in workflow.triggers.iter().enumerate() {
+            self.by_type
+                .entry(trigger.ty.clone())
+                .or_default()
+                .push(Entry {
+                    workflow: workflow.clone(),
+                    version,
+                    position,
+                });
+        }
+    }
+
+    /// The triggers of `ty`.
+    pub fn candidates(&self, ty: &str) -> &[Entry] {
+        self.by_type.get(ty).map_or(&[], Vec::as_slice)
+    }
+
+    /// The triggers `event` (a CloudEvent as JSON) matches, with their flow-control key; or, for a
+    /// trigger whose filter or key cannot be evaluated, the reason.
+    pub fn matches<'a>(
+        &'a self,
+        ty: &str,
+        event: &Value,
+    ) -> Vec<(&'a Entry, Result<String, String>)> {
+        let val = baton_workflow::expr::to_val(event);
+        let mut out = Vec::new();
+        for entry in self.candidates(ty) {
+            let trigger = entry.trigger();
+            let at = || {
+                format!(
+                    "workflow {} version {} on[{}]",
+                    entry.workflow.name, entry.version, entry.position
+                )
+            };
+            match trigger.matches(event) {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => {
+                    out.push((entry, Err(format!("{}: filter failed: {e}", at()))));
+                    continue;
+                }
+            }
+            let key = match &trigger.key {
+                None => Ok(String::new()),
+                Some(expr) => expr
+                    .eval(&val)
+                    .map(|v| match v {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    })
+                    .map_err(|e| format!("{}: key failed: {e}", at())),
+            };
+            out.push((entry, key));
+        }
+        out
+    }
+}
+
 pub struct Triggers {
     bus: Bus,
     registry: Registry,
-    /// Event type -> workflows (name, latest version) it starts.
-    index: HashMap<String, Vec<(String, u64)>>,
+    workflows: Workflows,
+    windows: kv::Store,
+    index: Index,
     loaded: Option<Instant>,
 }
 
 impl Triggers {
     pub async fn new(bus: Bus) -> Result<Triggers, Error> {
         let registry = Registry::open(&bus.js).await?;
+        let windows = bus
+            .js
+            .get_key_value(streams::FLOW_BUCKET)
+            .await
+            .map_err(jserr)?;
         Ok(Triggers {
             bus,
+            workflows: Workflows::new(registry.clone()),
             registry,
-            index: HashMap::new(),
+            windows,
+            index: Index::default(),
             loaded: None,
         })
     }
 
     async fn reload(&mut self) -> Result<(), Error> {
-        let mut index: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+        let mut index = Index::default();
         for head in self
             .registry
             .heads()
@@ -60,11 +159,11 @@ impl Triggers {
             .into_iter()
             .filter(|h| h.enabled)
         {
-            for ty in &head.triggers {
-                index
-                    .entry(ty.clone())
-                    .or_default()
-                    .push((head.name.clone(), head.version));
+            match self.workflows.get(&head.name, head.version).await {
+                Ok(wf) => index.add(wf, head.version),
+                Err(error) => {
+                    tracing::warn!(workflow = %head.name, version = head.version, %error, "workflow skipped by trigger matching");
+                }
             }
         }
         self.index = index;
@@ -118,7 +217,7 @@ impl Triggers {
             }
         };
         let reload = self.stale(RELOAD_EVERY)
-            || (!self.index.contains_key(event.ty()) && self.stale(RELOAD_ON_MISS));
+            || (self.index.candidates(event.ty()).is_empty() && self.stale(RELOAD_ON_MISS));
         if reload && let Err(error) = self.reload().await {
             tracing::warn!(%error, "cannot load workflows; the event will be redelivered");
             let _ = message
@@ -126,53 +225,163 @@ impl Triggers {
                 .await;
             return;
         }
-        let Some(matches) = self.index.get(event.ty()) else {
-            tracing::debug!(
-                ty = event.ty(),
-                id = event.id(),
-                "no workflow is triggered by this event"
-            );
-            let _ = message.ack().await;
-            return;
+        let ack = match self.start_runs(&message, &event).await {
+            Ok(()) => AckKind::Ack,
+            Err(error) => {
+                tracing::warn!(%error, event = event.id(), "cannot start the runs of an event; it will be redelivered");
+                AckKind::Nak(Some(Duration::from_secs(1)))
+            }
         };
-        let trigger = Trigger {
-            id: event.id().to_owned(),
-            source: event.source().to_string(),
-            ty: event.ty().to_owned(),
-            subject: event.subject().map(str::to_owned),
-            data: event::data_value(&event),
-        };
+        let _ = message.ack_with(ack).await;
+    }
+
+    /// Starts the runs `event` triggers; `Err` when something could not be stored (the event is
+    /// then redelivered, and what was stored is not repeated).
+    async fn start_runs(&self, message: &jetstream::Message, event: &Event) -> Result<(), String> {
+        let json = EventJson::from_event(event);
+        let event_value = serde_json::to_value(&json).map_err(|e| e.to_string())?;
         // The run continues the event's trace.
-        let trace = event::trace(&event).unwrap_or_default();
+        let trace = event::trace(event).unwrap_or_default();
         let mut requests = Vec::new();
-        for (name, version) in matches {
+        for (entry, key) in self.index.matches(event.ty(), &event_value) {
+            let name = &entry.workflow.name;
+            let key = match key {
+                Ok(key) => key,
+                Err(reason) => {
+                    self.dead_letter(message, name, &reason).await?;
+                    continue;
+                }
+            };
             let request = RunEvent::Requested(RunRequested {
-                run_id: event::triggered_run_id(name, &trigger.source, &trigger.id),
+                run_id: event::triggered_run_id(name, &json.source, &json.id),
                 workflow: WorkflowRef {
                     name: name.clone(),
-                    version: *version,
+                    version: entry.version,
                 },
-                input: serde_json::Value::Null,
-                trigger: Some(trigger.clone()),
+                input: Value::Null,
+                trigger: Some(json.clone()),
                 parent: None,
             });
-            tracing::info!(workflow = %name, version, run = request.run_id(), event = %trigger.id, "event starts a run");
+            let run = request.run_id().to_owned();
+            let key_id = flow::key_id(name, entry.position, &key);
+            match entry.trigger().flow {
+                None => {}
+                Some(Flow::Debounce(quiet)) => {
+                    flow::debounce(&self.bus, &key_id, &request, &trace, quiet).await?;
+                    tracing::info!(workflow = %name, %run, event = event.id(), %key, "event debounced: the run starts when the key has been quiet for {quiet:?}");
+                    continue;
+                }
+                Some(Flow::Window { limit, per }) => {
+                    match flow::admit(&self.windows, &key_id, &run, limit, per).await? {
+                        Decision::Open(_) | Decision::Again => {}
+                        Decision::Full { start_ms, runs } => {
+                            tracing::info!(workflow = %name, event = event.id(), %key, runs, window_start_ms = start_ms, "event starts no run: its key had {runs} run(s) in the window (limit {limit} per {per:?})");
+                            continue;
+                        }
+                    }
+                }
+            }
+            tracing::info!(workflow = %name, version = entry.version, %run, event = event.id(), "event starts a run");
             requests.push(request);
         }
-        let stored = self
-            .bus
-            .store(
-                SOURCE,
-                requests.iter().map(|r| (r, &trace)).collect::<Vec<_>>(),
-            )
+        self.bus
+            .store(SOURCE, requests.iter().map(|r| (r, &trace)))
             .await
-            .is_ok();
-        let _ = if stored {
-            message.ack().await
-        } else {
-            message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await
+    }
+
+    /// A trigger that cannot be evaluated for this event: the event goes to the dead-letter stream
+    /// for this workflow (the other workflows still get it).
+    async fn dead_letter(
+        &self,
+        message: &jetstream::Message,
+        workflow: &str,
+        reason: &str,
+    ) -> Result<(), String> {
+        let id = match message.info() {
+            Ok(info) => format!("{}.{}.{workflow}", info.stream, info.stream_sequence),
+            Err(_) => event::new_run_id(),
         };
+        let letter = dlq::DeadLetter::new(
+            "triggers",
+            &message.subject,
+            message.headers.as_ref(),
+            &message.payload,
+            &format!(
+                "{reason}. Fix the workflow's trigger, then re-publish this dead letter with `baton deadletters republish`"
+            ),
+        );
+        dlq::publish(&self.bus.js, &id, &letter).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn workflow(name: &str, on: &str) -> Arc<Workflow> {
+        Arc::new(
+            baton_workflow::compile(&format!(
+                "name: {name}\non:\n{on}steps:\n  - id: a\n    uses: echo\n"
+            ))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn events_are_checked_only_against_triggers_of_their_type() {
+        let mut index = Index::default();
+        for i in 0..500 {
+            index.add(workflow(&format!("w{i}"), &format!("  - type: t{i}\n")), 1);
+        }
+        index.add(
+            workflow(
+                "alerts",
+                "  - type: t7\n    source: \"am*\"\n    filter: ${{ .data.severity == \"critical\" }}\n    key: ${{ .subject }}\n",
+            ),
+            3,
+        );
+        assert_eq!(index.candidates("t7").len(), 2);
+        assert!(index.candidates("unknown").is_empty());
+        let event = json!({"id": "1", "source": "am", "type": "t7", "subject": "fp1", "data": {"severity": "critical"}});
+        let found: Vec<_> = index
+            .matches("t7", &event)
+            .into_iter()
+            .map(|(e, key)| (e.workflow.name.clone(), key.unwrap()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("w7".to_owned(), String::new()),
+                ("alerts".into(), "fp1".into())
+            ]
+        );
+        let warning =
+            json!({"id": "1", "source": "am", "type": "t7", "data": {"severity": "warning"}});
+        assert_eq!(index.matches("t7", &warning).len(), 1);
+        let elsewhere =
+            json!({"id": "1", "source": "x", "type": "t7", "data": {"severity": "critical"}});
+        assert_eq!(index.matches("t7", &elsewhere).len(), 1);
+    }
+
+    #[test]
+    fn a_failing_key_is_reported_with_its_workflow() {
+        let mut index = Index::default();
+        index.add(
+            workflow(
+                "k",
+                "  - type: t\n    key: ${{ .data.x | error(\"no key\") }}\n",
+            ),
+            2,
+        );
+        let found = index.matches(
+            "t",
+            &json!({"id": "1", "source": "s", "type": "t", "data": {"x": 1}}),
+        );
+        let reason = found[0].1.clone().unwrap_err();
+        assert!(
+            reason.contains("workflow k version 2 on[0]: key failed"),
+            "{reason}"
+        );
     }
 }
