@@ -5,6 +5,7 @@ mod catalogue;
 mod cli;
 mod concurrency;
 mod effects;
+mod gateway;
 mod harness;
 mod interop;
 mod saga;

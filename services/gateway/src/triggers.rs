@@ -284,9 +284,9 @@ impl Triggers {
             tracing::info!(workflow = %name, version = entry.version, %run, event = event.id(), "event starts a run");
             requests.push(request);
         }
-        self.bus
-            .store(SOURCE, requests.iter().map(|r| (r, &trace)))
-            .await
+        // Collected first: a lazy iterator held across the await would make the future not `Send`.
+        let requests: Vec<_> = requests.iter().map(|r| (r, &trace)).collect();
+        self.bus.store(SOURCE, requests).await
     }
 
     /// A trigger that cannot be evaluated for this event: the event goes to the dead-letter stream
