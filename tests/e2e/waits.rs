@@ -192,3 +192,96 @@ async fn the_timeout_fails_or_completes_the_wait() {
     assert_eq!(f.error.code.as_deref(), Some("event-received"));
     assert!(!f.error.retryable);
 }
+
+const PROMOTE: &str = r#"
+name: promote
+inputs:
+  image: { type: string }
+steps:
+  - id: sign-off
+    uses: approval
+    with:
+      message: "Promote ${{ .inputs.image }}?"
+      approvers: [alice, bob]
+      timeout: 1h
+  - id: promote
+    uses: echo
+    with: { image: "${{ .inputs.image }}", by: "${{ .steps[\"sign-off\"].outputs.by }}" }
+outputs:
+  by: ${{ .steps.promote.outputs.by }}
+"#;
+
+/// Waits until an approval step is waiting (its entry is in the bucket).
+async fn wait_until_approval(bus: &Bus, run_id: &str, log: impl Fn() -> String) {
+    let waits = bus.js.get_key_value(streams::WAITS_BUCKET).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(waits.get(format!("{run_id}.sign-off")).await, Ok(Some(_))) {
+        assert!(Instant::now() < deadline, "the approval is not waiting\n{}", log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn approval_steps_wait_for_an_approver_by_cli_or_event() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let bus = bus(&url).await;
+    let version = apply(&bus, "promote", PROMOTE).await;
+    let baton = serve(&url);
+
+    // Approved with `baton approve`, by an approver only.
+    let run = start_run(&bus, "promote", version, json!({"image": "web:1.4"})).await;
+    wait_until_approval(&bus, &run, || baton.log()).await;
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--nats-url", &url]);
+        baton_tests::baton_command(&all, &[])
+    };
+    let (ok, _, err) = cli(&["approve", &run, "sign-off", "--by", "mallory"]);
+    assert!(!ok && err.contains("mallory may not decide step sign-off: its approvers are alice, bob"), "{err}");
+    let (ok, _, err) = cli(&["approve", &run, "nope", "--by", "alice"]);
+    assert!(!ok && err.contains("not waiting for an approval"), "{err}");
+    let (ok, out, err) = cli(&["approve", &run, "sign-off", "--by", "alice", "--comment", "lgtm"]);
+    assert!(ok, "{out}{err}");
+    let events = wait_for_end(&bus, &run, Duration::from_secs(20), || baton.log()).await;
+    let (end, output, error) = ended(&events);
+    assert_eq!(end, Some(Ending::Succeeded), "{error}\n{}", baton.log());
+    assert_eq!(output, json!({"by": "alice"}));
+    let Some(RunEvent::StepCompleted(c)) = outcome(&events, "sign-off") else {
+        panic!("{events:#?}")
+    };
+    assert_eq!(c.output, json!({"approved": true, "by": "alice", "comment": "lgtm"}));
+    assert_eq!(c.kind, "approval");
+
+    // Rejected by an event from elsewhere (a chat bot, say); one from a non-approver is ignored.
+    let run = start_run(&bus, "promote", version, json!({"image": "web:1.5"})).await;
+    wait_until_approval(&bus, &run, || baton.log()).await;
+    for (id, by) in [("d-1", "mallory"), ("d-2", "bob")] {
+        let decision = EventBuilderV10::new()
+            .id(id)
+            .source("chatops/bot")
+            .ty("dev.baton.approval.decided")
+            .subject(format!("{run}/sign-off"))
+            .data(
+                "application/json",
+                json!({"run_id": run, "step": "sign-off", "approved": false, "by": by, "comment": "not on a Friday"}),
+            )
+            .build()
+            .unwrap();
+        let (headers, body) = binding::encode(&decision);
+        bus.js
+            .publish_with_headers("baton.events.chatops", headers, body)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let events = wait_for_end(&bus, &run, Duration::from_secs(20), || baton.log()).await;
+    let (end, _, error) = ended(&events);
+    assert_eq!(end, Some(Ending::Failed), "{}", baton.log());
+    assert!(error.contains("rejected by bob: not on a Friday"), "{error}");
+    let Some(RunEvent::StepFailed(f)) = outcome(&events, "sign-off") else {
+        panic!("{events:#?}")
+    };
+    assert_eq!(f.error.code.as_deref(), Some("rejected"));
+}

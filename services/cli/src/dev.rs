@@ -77,10 +77,14 @@ async fn serve(
         server.path.display()
     );
     println!("  JetStream data in {}", data_dir.display());
-    println!("  gateway on http://{http} (/healthz, /readyz)");
+    let mut kinds: Vec<String> = baton_runner::kinds::builtin(bus.client.clone())
+        .into_keys()
+        .collect();
+    kinds.sort();
     println!(
-        "  coordinator ({} partitions) and runner (kinds: echo) in this process",
-        bus.partitions
+        "  coordinator ({} partitions) and runner (kinds: {}) in this process",
+        bus.partitions,
+        kinds.join(", ")
     );
     let registry = baton_core::registry::Registry::open(&bus.js).await?;
     for (path, source) in EXAMPLES {
@@ -100,7 +104,7 @@ async fn serve(
     let github_secret =
         std::env::var("BATON_GITHUB_SECRET").unwrap_or_else(|_| DEV_GITHUB_SECRET.to_owned());
     println!(
-        "  gateway  http://{http}: /events (CloudEvents), /webhooks/github (secret {github_secret:?}), /webhooks/alertmanager"
+        "  gateway on http://{http}: /events (CloudEvents), /webhooks/github (secret {github_secret:?}), /webhooks/alertmanager, /healthz, /readyz"
     );
     let gateway = baton_gateway::HttpOptions {
         listen: http,

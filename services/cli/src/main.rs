@@ -126,6 +126,30 @@ enum Command {
         #[command(subcommand)]
         command: RunsCommand,
     },
+    /// Approve an approval step that is waiting: the run goes on.
+    Approve {
+        id: String,
+        step: String,
+        /// Who approves: must be one of the step's approvers when it names any.
+        #[arg(long, env = "USER")]
+        by: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[command(flatten)]
+        nats: Nats,
+    },
+    /// Reject an approval step that is waiting: the step fails (error code `rejected`).
+    Reject {
+        id: String,
+        step: String,
+        /// Who rejects: must be one of the step's approvers when it names any.
+        #[arg(long, env = "USER")]
+        by: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[command(flatten)]
+        nats: Nats,
+    },
     /// Publish a CloudEvent, given by flags or a JSON file, and wait until it is stored.
     Send(events::Send),
     /// Events as they pass.
@@ -365,6 +389,50 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 http: Some(http.options()),
             };
             baton_gateway::run(bus, options, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approve {
+            id,
+            step,
+            by,
+            comment,
+            nats,
+        } => {
+            telemetry::init(format, "warn");
+            runs::decide(
+                &nats.connect("baton-cli").await?,
+                &id,
+                &step,
+                true,
+                by.clone(),
+                comment,
+            )
+            .await?;
+            println!(
+                "Approved step {step} of run {id} as {by}; follow it with `baton runs follow {id}`"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reject {
+            id,
+            step,
+            by,
+            comment,
+            nats,
+        } => {
+            telemetry::init(format, "warn");
+            runs::decide(
+                &nats.connect("baton-cli").await?,
+                &id,
+                &step,
+                false,
+                by.clone(),
+                comment,
+            )
+            .await?;
+            println!(
+                "Rejected step {step} of run {id} as {by}; follow it with `baton runs follow {id}`"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Send(send) => {

@@ -320,3 +320,74 @@ pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Decides an approval step that is waiting: publishes `dev.baton.approval.decided` on
+/// `baton.events.cli` once the step is known to wait and `by` may decide it.
+pub async fn decide(
+    bus: &Bus,
+    run_id: &str,
+    step: &str,
+    approved: bool,
+    by: String,
+    comment: String,
+) -> anyhow::Result<()> {
+    use baton_coordinator::waits::{self, WaitEntry};
+    use cloudevents::{EventBuilder, EventBuilderV10};
+    let (run, _) = load(bus, run_id).await?;
+    if run.status.is_terminal() {
+        bail!(
+            "run {run_id} has already ended ({}); there is nothing to decide",
+            run.status.as_str()
+        );
+    }
+    let bucket = bus
+        .js
+        .get_key_value(baton_core::streams::WAITS_BUCKET)
+        .await?;
+    let entry: Option<WaitEntry> = bucket
+        .get(waits::key(run_id, step, None))
+        .await?
+        .and_then(|v| serde_json::from_slice(&v).ok());
+    let Some(entry) = entry.filter(|e| e.kind == "approval") else {
+        bail!(
+            "step {step} of run {run_id} is not waiting for an approval; `baton runs show {run_id}` shows where the run is"
+        );
+    };
+    let workflows = baton_core::workflows::Workflows::new(Registry::open(&bus.js).await?);
+    let workflow = workflows
+        .get(&entry.workflow.name, entry.workflow.version)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if let Some(baton_workflow::Action::Approval(approval)) = workflow
+        .steps
+        .iter()
+        .find(|s| s.id == step)
+        .map(|s| &s.action)
+        && !approval.approvers.is_empty()
+        && !approval.approvers.contains(&by)
+    {
+        bail!(
+            "{by} may not decide step {step}: its approvers are {}. Pass --by with one of them",
+            approval.approvers.join(", ")
+        );
+    }
+    let decision = event::ApprovalDecided {
+        run_id: run_id.to_owned(),
+        step: step.to_owned(),
+        approved,
+        by,
+        comment,
+    };
+    let ce = EventBuilderV10::new()
+        .id(event::new_run_id())
+        .source("baton/cli")
+        .ty(event::types::APPROVAL_DECIDED)
+        .subject(format!("{run_id}/{step}"))
+        .time(chrono::Utc::now())
+        .data("application/json", serde_json::to_value(&decision)?)
+        .build()?;
+    baton_gateway::ingress::store(&bus.js, "cli", &[ce])
+        .await
+        .map_err(|e| anyhow::anyhow!("the decision was not stored: {e}"))?;
+    Ok(())
+}

@@ -776,11 +776,19 @@ impl Run {
                     };
                     json!({"event": wait.event, "key": key, "expect": expect})
                 }
-                Action::Approval(_) => {
-                    return Err(fail(format!(
-                        "step {}: `{}` steps are not executed by this version of the coordinator",
-                        spec.id, spec.kind
-                    )));
+                // Waits like `wait` for a decision event whose subject is the step itself.
+                Action::Approval(approval) => {
+                    let message = approval
+                        .message
+                        .eval(&context)
+                        .map_err(|e| fail(format!("step {}: `message` {e}", spec.id)))?;
+                    json!({
+                        "message": message,
+                        "approvers": approval.approvers,
+                        "event": baton_core::event::types::APPROVAL_DECIDED,
+                        "key": format!("{}/{}{}", self.id, spec.id, baton_core::event::item_label(item)),
+                        "expect": "event",
+                    })
                 }
             };
             let key = match item {
@@ -858,7 +866,17 @@ impl Run {
                 },
                 clock.now + wait.timeout,
             )),
-            Action::Approval(_) | Action::Workflow(_) => None,
+            Action::Approval(ref approval) => approval.timeout.map(|t| {
+                self.timer_at(
+                    TimerPurpose::Timeout {
+                        step: spec.id.clone(),
+                        item,
+                        attempt,
+                    },
+                    clock.now + t,
+                )
+            }),
+            Action::Workflow(_) => None,
         }
     }
 

@@ -495,7 +495,7 @@ impl Partition {
                     let extra = self.start_sub_run(r).await;
                     acks.push(self.publish(&extra, trace).await);
                 }
-                RunEvent::StepRequested(r) if r.kind == "wait" => {
+                RunEvent::StepRequested(r) if r.kind == "wait" || r.kind == "approval" => {
                     acks.push(Ok(Pending::Future(self.put_wait(r, trace))));
                 }
                 RunEvent::Ended(Ending::CompensationFailed, ended) => {
@@ -575,8 +575,10 @@ impl Partition {
         };
         let mut keys = Vec::new();
         for (spec, state) in wf.steps.iter().zip(&run.steps) {
-            if !matches!(spec.action, baton_workflow::Action::Wait(_))
-                || state.status == StepStatus::Pending
+            if !matches!(
+                spec.action,
+                baton_workflow::Action::Wait(_) | baton_workflow::Action::Approval(_)
+            ) || state.status == StepStatus::Pending
             {
                 continue;
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, kv};
 use baton_core::event::{
-    RunEvent, StepCompleted, StepError, StepFailed, StepRequested, Trigger, WorkflowRef,
+    ApprovalDecided, RunEvent, StepCompleted, StepError, StepFailed, StepRequested, Trigger, WorkflowRef,
 };
 use baton_core::shutdown::CancellationToken;
 use baton_core::trace::Trace;
@@ -36,6 +36,9 @@ pub struct WaitEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub item: Option<u32>,
     pub attempt: u32,
+    /// `wait` or `approval`.
+    #[serde(default = "wait_kind")]
+    pub kind: String,
     pub workflow: WorkflowRef,
     /// The event type, so that other events never load the workflow.
     pub event: String,
@@ -49,6 +52,10 @@ pub struct WaitEntry {
     pub tracestate: Option<String>,
 }
 
+fn wait_kind() -> String {
+    "wait".into()
+}
+
 impl WaitEntry {
     pub fn new(r: &StepRequested, workflow: WorkflowRef, partitions: u32, trace: &Trace) -> Self {
         WaitEntry {
@@ -56,6 +63,7 @@ impl WaitEntry {
             step: r.step.clone(),
             item: r.item,
             attempt: r.attempt,
+            kind: r.kind.clone(),
             workflow,
             event: r.input["event"].as_str().unwrap_or_default().to_owned(),
             key: r.input["key"].clone(),
@@ -256,18 +264,29 @@ impl Matcher {
                     return;
                 }
             };
-            let Some(Action::Wait(wait)) = wf
+            let outcome = match wf
                 .steps
                 .iter()
                 .find(|s| s.id == entry.step)
                 .map(|s| &s.action)
-            else {
-                continue;
+            {
+                Some(Action::Wait(wait)) if matches(wait, &entry.key, &event_json) => {
+                    outcome(&entry, wait.expect, &event_json)
+                }
+                Some(Action::Approval(approval)) => {
+                    match decision(&approval.approvers, &entry, &event_json) {
+                        Ok(Some(o)) => o,
+                        Ok(None) => continue,
+                        Err(reason) => {
+                            tracing::warn!(run = %entry.run_id, step = %entry.step, event = ce.id(), %reason, "approval decision ignored");
+                            continue;
+                        }
+                    }
+                }
+                _ => continue,
             };
-            if matches(wait, &entry.key, &event_json) {
-                tracing::info!(run = %entry.run_id, step = %entry.step, event = ce.id(), "event matches a wait");
-                outcomes.push((k, outcome(&entry, wait.expect, &event_json), entry));
-            }
+            tracing::info!(run = %entry.run_id, step = %entry.step, event = ce.id(), "event matches a wait");
+            outcomes.push((k, outcome, entry));
         }
         let traces: Vec<_> = outcomes.iter().map(|(_, _, entry)| entry.trace()).collect();
         let events: Vec<_> = outcomes
@@ -307,6 +326,58 @@ pub fn matches(wait: &Wait, key: &Value, event: &Value) -> bool {
         && wait.event_key.eval(&to_val(event)).is_ok_and(|v| &v == key)
 }
 
+/// What a `dev.baton.approval.decided` event does to a waiting approval: `Ok(None)` when it is about
+/// another step, `Err` when it comes from someone who may not decide.
+fn decision(
+    approvers: &[String],
+    entry: &WaitEntry,
+    event: &Value,
+) -> Result<Option<RunEvent>, String> {
+    if event.get("subject") != Some(&entry.key) {
+        return Ok(None);
+    }
+    let decided: ApprovalDecided = serde_json::from_value(event["data"].clone())
+        .map_err(|e| format!("not a valid decision: {e}"))?;
+    if !approvers.is_empty() && !approvers.contains(&decided.by) {
+        return Err(format!(
+            "{} may not decide this step; its approvers are {}",
+            decided.by,
+            approvers.join(", ")
+        ));
+    }
+    let comment = if decided.comment.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", decided.comment)
+    };
+    Ok(Some(if decided.approved {
+        RunEvent::StepCompleted(StepCompleted {
+            run_id: entry.run_id.clone(),
+            step: entry.step.clone(),
+            item: entry.item,
+            kind: entry.kind.clone(),
+            attempt: entry.attempt,
+            output: json!({ "approved": true, "by": decided.by, "comment": decided.comment }),
+            runner: "coordinator".into(),
+            duration_ms: 0,
+        })
+    } else {
+        RunEvent::StepFailed(StepFailed {
+            run_id: entry.run_id.clone(),
+            step: entry.step.clone(),
+            item: entry.item,
+            kind: entry.kind.clone(),
+            attempt: entry.attempt,
+            error: StepError {
+                message: format!("rejected by {}{comment}", decided.by),
+                retryable: false,
+                code: Some("rejected".into()),
+            },
+            runner: "coordinator".into(),
+        })
+    }))
+}
+
 /// What a matching event does to the waiting attempt.
 fn outcome(entry: &WaitEntry, expect: Expect, event: &Value) -> RunEvent {
     match expect {
@@ -314,7 +385,7 @@ fn outcome(entry: &WaitEntry, expect: Expect, event: &Value) -> RunEvent {
             run_id: entry.run_id.clone(),
             step: entry.step.clone(),
             item: entry.item,
-            kind: "wait".into(),
+            kind: entry.kind.clone(),
             attempt: entry.attempt,
             output: json!({ "event": event }),
             runner: "coordinator".into(),
@@ -324,7 +395,7 @@ fn outcome(entry: &WaitEntry, expect: Expect, event: &Value) -> RunEvent {
             run_id: entry.run_id.clone(),
             step: entry.step.clone(),
             item: entry.item,
-            kind: "wait".into(),
+            kind: entry.kind.clone(),
             attempt: entry.attempt,
             error: StepError {
                 message: format!(

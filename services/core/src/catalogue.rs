@@ -176,6 +176,14 @@ pub fn all() -> Vec<EventType> {
         });
     }
     types.push(EventType {
+        ty: types::APPROVAL_DECIDED,
+        subject: "baton.events.<origin>",
+        producers: "baton approve, baton reject, any publisher (HTTP /events, NATS)",
+        consumers: "coordinator (the waits matcher)",
+        description: "A decision on an approval step: approved or rejected, by whom, with a comment. Subject `<run>/<step>`.",
+        schema: schema::<event::ApprovalDecided>,
+    });
+    types.push(EventType {
         ty: crate::dlq::TYPE,
         subject: "baton.dlq.<origin>",
         producers: "any service that rejects input; the coordinator when a compensation fails for good",

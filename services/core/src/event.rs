@@ -31,6 +31,7 @@ pub mod types {
     pub const COMPENSATION_COMPLETED: &str = "dev.baton.compensation.completed";
     pub const COMPENSATION_FAILED: &str = "dev.baton.compensation.failed";
     pub const TIMER_FIRED: &str = "dev.baton.timer.fired";
+    pub const APPROVAL_DECIDED: &str = "dev.baton.approval.decided";
 }
 
 /// A workflow version, as pinned by a run.
@@ -84,6 +85,20 @@ impl Trigger {
                 .collect(),
         }
     }
+}
+
+/// A person's decision on an `approval` step (`baton approve` / `baton reject`, or any publisher on
+/// `baton.events.<origin>`). Its CloudEvent subject is `<run>/<step>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ApprovalDecided {
+    pub run_id: String,
+    pub step: String,
+    /// `true` lets the run go on; `false` fails the step (error code `rejected`).
+    pub approved: bool,
+    /// Who decided: must be one of the step's `approvers` when it names any.
+    pub by: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comment: String,
 }
 
 /// The step of another run that started this one (a sub-workflow), and waits for its end.
