@@ -164,7 +164,10 @@ async fn a_github_release_delivered_five_times_starts_the_release_workflow_once(
 
     let body = fixture("github/payloads/release__published.json");
     let delivery = "9a8c5f30-c8f0-11ef-8e4b-0a1b2c3d4e5f";
-    let headers = github_headers("release", delivery, &body, SECRET);
+    let mut headers = github_headers("release", delivery, &body, SECRET);
+    // A sender's trace: the run continues it.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    headers.insert("traceparent", traceparent.parse().unwrap());
     for attempt in 0..5 {
         let r = http
             .post(format!("{base}/webhooks/github"))
@@ -200,6 +203,10 @@ async fn a_github_release_delivered_five_times_starts_the_release_workflow_once(
     let RunEvent::Requested(requested) = &journal[0].event else {
         panic!("the journal starts with run.requested")
     };
+    for j in &journal {
+        let trace = j.trace.as_ref().expect("every run event carries a trace");
+        assert_eq!(trace.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{j:?}");
+    }
     let trigger = requested.trigger.as_ref().unwrap();
     assert_eq!(trigger.data, payload);
     assert_eq!(
@@ -596,4 +603,141 @@ steps:
     // checkout once (dedup), payments, checkout forced twice (rate 2), search.
     let runs = expect_runs(&bus, "deploys", 5, Duration::from_secs(30), || gw.log()).await;
     assert_eq!(runs.len(), 5);
+    // Every event is stored, run or not.
+    let (ok, out, err) = baton_command(
+        &[
+            "events",
+            "tail",
+            "--all",
+            "--count",
+            "4",
+            "--type",
+            "*.forced",
+            "--nats-url",
+            &url,
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(" com.example.deploy.forced source=ci/deployer ")),
+        "{out}"
+    );
+}
+
+/// The headers Alertmanager sent with a fixture body (less those the client sets itself).
+fn alertmanager_request(name: &str) -> (reqwest::header::HeaderMap, Vec<u8>) {
+    let request: Value = serde_json::from_slice(&fixture(&format!(
+        "alertmanager/webhooks/{name}.request.json"
+    )))
+    .unwrap();
+    let mut headers = reqwest::header::HeaderMap::new();
+    for pair in request["headers"].as_array().unwrap() {
+        let (name, value) = (pair[0].as_str().unwrap(), pair[1].as_str().unwrap());
+        if !name.eq_ignore_ascii_case("host") && !name.eq_ignore_ascii_case("content-length") {
+            headers.insert(
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+    }
+    headers.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    (
+        headers,
+        fixture(&format!("alertmanager/webhooks/{name}.body.json")),
+    )
+}
+
+#[tokio::test]
+async fn a_firing_alert_starts_the_remediation_and_its_resolution_ends_the_wait() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let bus = bus(&url).await;
+    apply_example(&url, "alert-remediation");
+    // The example's runbook, as a real program on the runner's PATH.
+    let bin = tempfile::tempdir().unwrap();
+    let runbook = bin.path().join("runbook");
+    std::fs::write(
+        &runbook,
+        "#!/bin/sh\necho \"{\\\"ran\\\": \\\"$2\\\", \\\"instance\\\": \\\"$INSTANCE\\\"}\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &runbook,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", bin.path().display());
+    let (gw, base) = gateway(&url);
+    let coordinator = BatonProcess::start(&["coordinator", "--nats-url", &url]);
+    let runner = BatonProcess::start_with_env(&["runner", "--nats-url", &url], &[("PATH", &path)]);
+    let http = reqwest::Client::new();
+    ready(&http, &base, &gw).await;
+    let log = || {
+        format!(
+            "gateway:\n{}\ncoordinator:\n{}\nrunner:\n{}",
+            gw.log(),
+            coordinator.log(),
+            runner.log()
+        )
+    };
+
+    let (headers, body) = alertmanager_request("01-firing-initial");
+    let r = http
+        .post(format!("{base}/webhooks/alertmanager"))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Two alerts, two fingerprints: two remediations, after the 10 s debounce.
+    let runs = expect_runs(&bus, "alert-remediation", 2, Duration::from_secs(40), log).await;
+    let waits = bus.js.get_key_value(streams::WAITS_BUCKET).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for run in &runs {
+        while !matches!(waits.get(format!("{run}.resolved")).await, Ok(Some(_))) {
+            assert!(
+                Instant::now() < deadline,
+                "run {run} is not waiting for its resolution\n{}",
+                log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let (headers, body) = alertmanager_request("03-resolved-all");
+    let r = http
+        .post(format!("{base}/webhooks/alertmanager"))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    for run in &runs {
+        let journal = wait_for_end(&bus, run, Duration::from_secs(30), log).await;
+        assert_eq!(ending(&journal), Some(Ending::Succeeded), "{journal:#?}");
+        let output = journal
+            .iter()
+            .find_map(|j| match &j.event {
+                RunEvent::Ended(_, e) => Some(e.output.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(output, json!({"resolved": true, "escalated": false}));
+        let remediated = journal.iter().find_map(|j| match &j.event {
+            RunEvent::StepCompleted(c) if c.step == "remediate" => Some(c.output.clone()),
+            _ => None,
+        });
+        assert_eq!(
+            remediated.unwrap()["json"]["ran"],
+            "HighErrorRate",
+            "{journal:#?}"
+        );
+    }
 }
