@@ -741,3 +741,89 @@ async fn a_firing_alert_starts_the_remediation_and_its_resolution_ends_the_wait(
         );
     }
 }
+
+#[tokio::test]
+async fn an_emit_step_publishes_an_event_that_starts_another_workflow_once() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let bus = bus(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        (
+            "deploy",
+            r#"
+name: deploy
+inputs: { service: { type: string } }
+steps:
+  - id: announce
+    uses: emit
+    with:
+      type: com.example.deploy.done
+      source: ci/deploy
+      subject: ${{ .inputs.service }}
+      data: { service: "${{ .inputs.service }}", version: 7 }
+"#,
+        ),
+        (
+            "smoke-test",
+            r#"
+name: smoke-test
+on:
+  - type: com.example.deploy.done
+    subject: checkout
+steps:
+  - id: check
+    uses: echo
+    with: { checked: "${{ .event.data.service }}@${{ .event.data.version }}" }
+outputs: { checked: "${{ .steps.check.outputs.checked }}" }
+"#,
+        ),
+    ] {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, text).unwrap();
+        let (ok, out, err) =
+            baton_command(&["apply", file.to_str().unwrap(), "--nats-url", &url], &[]);
+        assert!(ok, "{out}{err}");
+    }
+    let baton = BatonProcess::start(&[
+        "serve",
+        "--nats-url",
+        &url,
+        "--http",
+        &format!("127.0.0.1:{}", free_port()),
+    ]);
+    let version = baton_core::registry::Registry::open(&bus.js)
+        .await
+        .unwrap()
+        .head("deploy")
+        .await
+        .unwrap()
+        .unwrap()
+        .version;
+    let run = crate::saga::start_run(&bus, "deploy", version, json!({"service": "checkout"})).await;
+    let journal = wait_for_end(&bus, &run, Duration::from_secs(30), || baton.log()).await;
+    assert_eq!(ending(&journal), Some(Ending::Succeeded), "{journal:#?}");
+    let emitted = journal
+        .iter()
+        .find_map(|j| match &j.event {
+            RunEvent::StepCompleted(c) if c.step == "announce" => Some(c.output.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(emitted["id"], format!("{run}/announce"));
+    let started = expect_runs(&bus, "smoke-test", 1, Duration::from_secs(20), || {
+        baton.log()
+    })
+    .await;
+    let smoke = started.into_iter().next().unwrap();
+    assert_eq!(
+        smoke,
+        event::triggered_run_id("smoke-test", "ci/deploy", &format!("{run}/announce"))
+    );
+    let journal = wait_for_end(&bus, &smoke, Duration::from_secs(30), || baton.log()).await;
+    let output = journal.iter().find_map(|j| match &j.event {
+        RunEvent::Ended(_, e) => Some(e.output.clone()),
+        _ => None,
+    });
+    assert_eq!(output.unwrap(), json!({"checked": "checkout@7"}));
+}

@@ -237,7 +237,37 @@ impl Worker {
             // Shutting down: leave the request un-acked for another runner.
             return;
         }
-        let event = attempt.outcome(outcome, started.elapsed().as_millis() as u64);
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let mut event = attempt.outcome(outcome, elapsed_ms);
+        // An outcome larger than the server takes could never be stored: fail the attempt instead
+        // of retrying forever.
+        let size = {
+            let (headers, body) = binding::encode(&event.to_cloudevent(SOURCE, &trace));
+            let header_bytes: usize = headers
+                .iter()
+                .map(|(name, values)| {
+                    let name: &str = name.as_ref();
+                    values
+                        .iter()
+                        .map(|v| name.len() + v.as_str().len() + 4)
+                        .sum::<usize>()
+                })
+                .sum();
+            body.len() + header_bytes
+        };
+        let limit = self.bus.client.server_info().max_payload;
+        if size > limit {
+            event = attempt.outcome(
+                Err(StepError {
+                    message: format!(
+                        "the step's output is {size} bytes, more than the {limit} bytes a message may have (the server's max_payload): output a reference to large data, not the data"
+                    ),
+                    retryable: false,
+                    code: Some("output-too-large".into()),
+                }),
+                elapsed_ms,
+            );
+        }
         // Keep trying to store the outcome (say, while a cluster elects a stream leader) and keep
         // the request ours meanwhile: handing it back would run the step again.
         let mut pause = Duration::from_millis(100);

@@ -44,7 +44,7 @@ const CLOUDEVENT_KEYS: &[&str] = &[
     "url", "event", "headers", "query", "timeout", "expect", "tls", "type", "source", "subject",
     "data",
 ];
-const EVENT_KEYS: &[&str] = &[
+pub(crate) const EVENT_KEYS: &[&str] = &[
     "type",
     "source",
     "subject",
@@ -540,7 +540,7 @@ fn parse_tls(object: &Map<String, Value>) -> Result<(bool, Option<String>), Step
 }
 
 /// The CloudEvent of a `cloudevent` step: `at` is where its keys are in `with` (`event.` or ``).
-fn build_event(
+pub(crate) fn build_event(
     event: &Map<String, Value>,
     at: &str,
     ctx: &StepContext,

@@ -3,12 +3,14 @@
 //! - [`echo`]: outputs its input (for trying workflows out);
 //! - [`nats`]: a request to a NATS service;
 //! - [`http()`] and [`cloudevent`]: an HTTP request, or a CloudEvent pushed over HTTP (module [`mod@http`]);
-//! - [`exec()`]: a program or shell script on the runner's machine (module [`mod@exec`]).
+//! - [`exec()`]: a program or shell script on the runner's machine (module [`mod@exec`]);
+//! - [`emit()`]: a CloudEvent published on Baton's bus, where it can start other workflows.
 //!
 //! Every kind reads its input (the step's evaluated `with`) the same way: unknown keys and values of
 //! the wrong type are permanent errors with the code `bad-input`, naming the field and saying what
 //! to write, so a typo fails the step at once instead of doing something else than meant.
 
+pub mod emit;
 pub mod exec;
 pub mod http;
 
@@ -21,6 +23,7 @@ use serde_json::{Map, Value};
 
 use crate::{Handler, StepContext};
 
+pub use emit::emit;
 pub use exec::exec;
 pub use http::{cloudevent, http};
 
@@ -30,6 +33,7 @@ pub fn builtin(client: async_nats::Client) -> HashMap<String, Handler> {
     let clients = Arc::new(http::Clients::default());
     HashMap::from([
         ("echo".to_owned(), echo()),
+        ("emit".to_owned(), emit(client.clone())),
         ("nats".to_owned(), nats(client)),
         ("http".to_owned(), http::handler(clients.clone(), false)),
         ("cloudevent".to_owned(), http::handler(clients, true)),
