@@ -216,7 +216,11 @@ async fn wait_until_approval(bus: &Bus, run_id: &str, log: impl Fn() -> String) 
     let waits = bus.js.get_key_value(streams::WAITS_BUCKET).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !matches!(waits.get(format!("{run_id}.sign-off")).await, Ok(Some(_))) {
-        assert!(Instant::now() < deadline, "the approval is not waiting\n{}", log());
+        assert!(
+            Instant::now() < deadline,
+            "the approval is not waiting\n{}",
+            log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -238,10 +242,21 @@ async fn approval_steps_wait_for_an_approver_by_cli_or_event() {
         baton_tests::baton_command(&all, &[])
     };
     let (ok, _, err) = cli(&["approve", &run, "sign-off", "--by", "mallory"]);
-    assert!(!ok && err.contains("mallory may not decide step sign-off: its approvers are alice, bob"), "{err}");
+    assert!(
+        !ok && err.contains("mallory may not decide step sign-off: its approvers are alice, bob"),
+        "{err}"
+    );
     let (ok, _, err) = cli(&["approve", &run, "nope", "--by", "alice"]);
     assert!(!ok && err.contains("not waiting for an approval"), "{err}");
-    let (ok, out, err) = cli(&["approve", &run, "sign-off", "--by", "alice", "--comment", "lgtm"]);
+    let (ok, out, err) = cli(&[
+        "approve",
+        &run,
+        "sign-off",
+        "--by",
+        "alice",
+        "--comment",
+        "lgtm",
+    ]);
     assert!(ok, "{out}{err}");
     let events = wait_for_end(&bus, &run, Duration::from_secs(20), || baton.log()).await;
     let (end, output, error) = ended(&events);
@@ -250,7 +265,10 @@ async fn approval_steps_wait_for_an_approver_by_cli_or_event() {
     let Some(RunEvent::StepCompleted(c)) = outcome(&events, "sign-off") else {
         panic!("{events:#?}")
     };
-    assert_eq!(c.output, json!({"approved": true, "by": "alice", "comment": "lgtm"}));
+    assert_eq!(
+        c.output,
+        json!({"approved": true, "by": "alice", "comment": "lgtm"})
+    );
     assert_eq!(c.kind, "approval");
 
     // Rejected by an event from elsewhere (a chat bot, say); one from a non-approver is ignored.
@@ -279,7 +297,10 @@ async fn approval_steps_wait_for_an_approver_by_cli_or_event() {
     let events = wait_for_end(&bus, &run, Duration::from_secs(20), || baton.log()).await;
     let (end, _, error) = ended(&events);
     assert_eq!(end, Some(Ending::Failed), "{}", baton.log());
-    assert!(error.contains("rejected by bob: not on a Friday"), "{error}");
+    assert!(
+        error.contains("rejected by bob: not on a Friday"),
+        "{error}"
+    );
     let Some(RunEvent::StepFailed(f)) = outcome(&events, "sign-off") else {
         panic!("{events:#?}")
     };

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer, kv};
 use baton_core::event::{
-    ApprovalDecided, RunEvent, StepCompleted, StepError, StepFailed, StepRequested, Trigger, WorkflowRef,
+    ApprovalDecided, RunEvent, StepCompleted, StepError, StepFailed, StepRequested, Trigger,
+    WorkflowRef,
 };
 use baton_core::shutdown::CancellationToken;
 use baton_core::trace::Trace;
