@@ -7,6 +7,7 @@ mod concurrency;
 mod effects;
 mod gateway;
 mod harness;
+mod history;
 mod interop;
 mod saga;
 mod slice;

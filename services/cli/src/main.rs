@@ -5,6 +5,7 @@ mod dev;
 mod events;
 mod runs;
 mod server;
+mod why;
 mod workflows;
 
 use std::net::SocketAddr;
@@ -206,6 +207,36 @@ enum Command {
 
 #[derive(Subcommand)]
 enum RunsCommand {
+    /// List runs, oldest first: id, workflow, status, start, duration.
+    List {
+        /// Only runs of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only runs with this status: running, compensating, succeeded, failed, cancelled,
+        /// compensated, compensation_failed.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only runs started this long ago or later, e.g. 30m, 1d.
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Show at most this many, the newest.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        nats: Nats,
+    },
+    /// Explain what a run that has not ended waits for, and since when.
+    Why {
+        id: String,
+        #[command(flatten)]
+        nats: Nats,
+    },
+    /// Print a run's CloudEvents as stored, one JSON event per line.
+    Events {
+        id: String,
+        #[command(flatten)]
+        nats: Nats,
+    },
     /// Print a run: its status, steps, output and events.
     Show {
         id: String,
@@ -305,6 +336,24 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
         Command::Runs { command } => {
             telemetry::init(format, "warn");
             match command {
+                RunsCommand::List {
+                    workflow,
+                    status,
+                    since,
+                    limit,
+                    nats,
+                } => {
+                    let bus = nats.connect("baton-cli").await?;
+                    runs::list(&bus, workflow.as_deref(), status.as_deref(), since, limit).await?;
+                }
+                RunsCommand::Why { id, nats } => {
+                    for line in why::why(&nats.connect("baton-cli").await?, &id).await? {
+                        println!("{line}");
+                    }
+                }
+                RunsCommand::Events { id, nats } => {
+                    runs::events(&nats.connect("baton-cli").await?, &id).await?;
+                }
                 RunsCommand::Show { id, nats } => {
                     runs::show(&nats.connect("baton-cli").await?, &id).await?;
                 }
@@ -459,6 +508,11 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    baton_workflow::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration: write e.g. 30s, 5m, 2h, 1d"))
 }
 
 /// 0 for a run that succeeded, 1 otherwise.

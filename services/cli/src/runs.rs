@@ -69,6 +69,19 @@ pub async fn start(
 
 /// Loads a run from its journal, as the coordinator sees it, with its events.
 async fn load(bus: &Bus, run_id: &str) -> anyhow::Result<(Run, Vec<Journaled>)> {
+    let (run, _, events) = load_with_workflow(bus, run_id).await?;
+    Ok((run, events))
+}
+
+/// A run rebuilt from its journal, with its workflow version and its events.
+pub async fn load_with_workflow(
+    bus: &Bus,
+    run_id: &str,
+) -> anyhow::Result<(
+    Run,
+    std::sync::Arc<baton_workflow::Workflow>,
+    Vec<Journaled>,
+)> {
     if !subjects::is_token(run_id) {
         bail!("{run_id:?} is not a run id: ids are letters, digits, `-` and `_`");
     }
@@ -91,7 +104,7 @@ async fn load(bus: &Bus, run_id: &str) -> anyhow::Result<(Run, Vec<Journaled>)> 
     for e in &events {
         run.apply(&e.event);
     }
-    Ok((run, events))
+    Ok((run, workflow, events))
 }
 
 /// Asks the coordinator to cancel a run: no step starts any more and completed steps are undone.
@@ -389,5 +402,159 @@ pub async fn decide(
     baton_gateway::ingress::store(&bus.js, "cli", &[ce])
         .await
         .map_err(|e| anyhow::anyhow!("the decision was not stored: {e}"))?;
+    Ok(())
+}
+
+/// One run in `baton runs list`.
+struct Row {
+    workflow: String,
+    version: u64,
+    started: chrono::DateTime<chrono::Utc>,
+    status: Status,
+    ended: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Prints runs, oldest first: started within `since` (all when `None`), of `workflow`, with
+/// `status`, at most the last `limit`.
+pub async fn list(
+    bus: &Bus,
+    workflow: Option<&str>,
+    status: Option<&str>,
+    since: Option<Duration>,
+    limit: usize,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{self, DeliverPolicy};
+    if let Some(s) = status {
+        let known = ["running", "compensating"]
+            .into_iter()
+            .chain(Ending::ALL.map(|e| Status::Ended(e).as_str()))
+            .collect::<Vec<_>>();
+        if !known.contains(&s) {
+            bail!(
+                "--status {s:?} is not a status: use one of {}",
+                known.join(", ")
+            );
+        }
+    }
+    let mut filters = vec![
+        format!("{}.*.*.run.requested", subjects::RUNS),
+        format!("{}.*.*.run.compensating", subjects::RUNS),
+    ];
+    filters.extend(
+        Ending::ALL
+            .iter()
+            .map(|e| format!("{}.*.*.run.{}", subjects::RUNS, e.verb())),
+    );
+    let deliver_policy = match since {
+        Some(d) => DeliverPolicy::ByStartTime {
+            start_time: time::OffsetDateTime::now_utc() - d,
+        },
+        None => DeliverPolicy::All,
+    };
+    let stream = bus.js.get_stream(baton_core::streams::RUNS).await?;
+    let mut consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subjects: filters,
+            deliver_policy,
+            ..Default::default()
+        })
+        .await?;
+    let mut rows: std::collections::HashMap<String, Row> = std::collections::HashMap::new();
+    if consumer.info().await?.num_pending > 0 {
+        let mut messages = consumer.messages().await?;
+        while let Some(message) = messages.next().await {
+            let message = message?;
+            let info = message.info().map_err(anyhow::Error::msg)?;
+            let (time, pending) = (
+                chrono::DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64),
+                info.pending,
+            );
+            if let Ok(ce) = binding::decode(message.headers.as_ref(), &message.payload)
+                && let Ok(event) = RunEvent::from_message(&message.subject, &ce)
+            {
+                match event {
+                    RunEvent::Requested(r) => {
+                        rows.entry(r.run_id).or_insert(Row {
+                            workflow: r.workflow.name,
+                            version: r.workflow.version,
+                            started: time,
+                            status: Status::Running,
+                            ended: None,
+                        });
+                    }
+                    RunEvent::Compensating(c) => {
+                        if let Some(row) = rows.get_mut(&c.run_id)
+                            && row.ended.is_none()
+                        {
+                            row.status = Status::Compensating;
+                        }
+                    }
+                    RunEvent::Ended(ending, e) => {
+                        if let Some(row) = rows.get_mut(&e.run_id) {
+                            row.status = Status::Ended(ending);
+                            row.ended = Some(time);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+    }
+    let mut rows: Vec<(String, Row)> = rows
+        .into_iter()
+        .filter(|(_, r)| workflow.is_none_or(|w| r.workflow == w))
+        .filter(|(_, r)| status.is_none_or(|s| r.status.as_str() == s))
+        .collect();
+    rows.sort_by_key(|(id, r)| (r.started, id.clone()));
+    let skip = rows.len().saturating_sub(limit);
+    println!(
+        "{:<28} {:<24} {:<20} {:<24} DURATION",
+        "RUN", "WORKFLOW", "STATUS", "STARTED"
+    );
+    for (id, r) in rows.into_iter().skip(skip) {
+        let duration = r.ended.unwrap_or_else(chrono::Utc::now) - r.started;
+        let duration = format!("{:.1}s", duration.num_milliseconds() as f64 / 1000.0);
+        println!(
+            "{id:<28} {:<24} {:<20} {:<24} {duration}",
+            format!("{} v{}", r.workflow, r.version),
+            r.status.as_str(),
+            r.started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        );
+    }
+    Ok(())
+}
+
+/// Prints a run's CloudEvents exactly as stored, one JSON event (structured format) per line.
+pub async fn events(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer;
+    if !subjects::is_token(run_id) {
+        bail!("{run_id:?} is not a run id: ids are letters, digits, `-` and `_`");
+    }
+    let p = subjects::partition(run_id, bus.partitions);
+    let stream = bus.js.get_stream(baton_core::streams::RUNS).await?;
+    let mut consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subjects::run_all(p, run_id),
+            ..Default::default()
+        })
+        .await?;
+    if consumer.info().await?.num_pending == 0 {
+        bail!("no run with id {run_id}");
+    }
+    let mut messages = consumer.messages().await?;
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        let pending = message.info().map_err(anyhow::Error::msg)?.pending;
+        match binding::decode(message.headers.as_ref(), &message.payload) {
+            Ok(ce) => println!("{}", String::from_utf8_lossy(&binding::json::encode(&ce))),
+            Err(e) => eprintln!("(not a valid CloudEvent on {}: {e})", message.subject),
+        }
+        if pending == 0 {
+            break;
+        }
+    }
     Ok(())
 }

@@ -56,6 +56,16 @@ impl Slots {
         format!("{workflow}.{hash}")
     }
 
+    /// The runs holding a slot of `slot`, oldest first, as the bucket says (ended runs may linger
+    /// until the next admission cleans them up).
+    pub async fn holders(&self, slot: &str) -> Result<Vec<String>, String> {
+        let entry = self.kv.get(slot).await.map_err(|e| e.to_string())?;
+        Ok(entry
+            .and_then(|v| serde_json::from_slice::<Entry>(&v).ok())
+            .map(|e| e.active)
+            .unwrap_or_default())
+    }
+
     /// Takes a slot for `run_id` if one is free (or `force`: `cancel-previous` takes one anyway).
     /// Taking it again is a no-op, so a redelivered request is admitted again.
     pub async fn acquire(

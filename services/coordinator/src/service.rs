@@ -675,7 +675,7 @@ fn cancel(run_id: &str, reason: String) -> RunEvent {
 }
 
 /// The concurrency slot of a run, if its workflow has a concurrency key.
-fn slot_of(run: &Run, wf: &Workflow) -> Option<Result<String, String>> {
+pub fn slot_of(run: &Run, wf: &Workflow) -> Option<Result<String, String>> {
     let c = wf.concurrency.as_ref()?;
     let key = c
         .key
@@ -726,6 +726,8 @@ fn base64_json<T: serde::Serialize>(value: &T) -> String {
 #[derive(Debug, Clone)]
 pub struct Journaled {
     pub seq: u64,
+    /// When the journal stored it.
+    pub time: chrono::DateTime<chrono::Utc>,
     /// The event's trace context, if valid.
     pub trace: Option<Trace>,
     pub event: RunEvent,
@@ -763,6 +765,9 @@ pub async fn read_journal(
         {
             out.push(Journaled {
                 seq,
+                time: chrono::DateTime::from_timestamp_nanos(
+                    info.published.unix_timestamp_nanos() as i64
+                ),
                 trace: event::trace(&ce),
                 event,
             });

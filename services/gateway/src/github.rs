@@ -50,10 +50,12 @@ use Suffix::{Field, ScopeAction};
 const ACTION: Suffix = Field("action");
 const REPO: Source = Path("repository.url");
 
-/// The adapter's table: event, type suffix, source, subject path, time paths (first non-null wins;
-/// none: the current time).
+/// One row of the adapter's table: event, type suffix, source, subject path, time paths (first
+/// non-null wins; none: the current time).
+type Mapping = (&'static str, Suffix, Source, Option<&'static str>, &'static [&'static str]);
+
 #[rustfmt::skip]
-const EVENTS: &[(&str, Suffix, Source, Option<&str>, &[&str])] = &[
+const EVENTS: &[Mapping] = &[
     ("branch_protection_configuration", ACTION, REPO, None, &[]),
     ("branch_protection_rule", ACTION, REPO, Some("rule.id"), &["rule.updated_at"]),
     ("check_run", ACTION, REPO, Some("check_run.id"), &["check_run.completed_at", "check_run.started_at"]),

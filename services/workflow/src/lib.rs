@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub use compile::parse_duration;
 pub use expr::{Expr, Template};
 pub use yaml::Pos;
 
