@@ -10,6 +10,7 @@ mod harness;
 mod history;
 mod interop;
 mod saga;
+mod secrets;
 mod slice;
 mod waits;
 mod workflows;

@@ -4,6 +4,7 @@ mod deadletters;
 mod dev;
 mod events;
 mod runs;
+mod secrets;
 mod server;
 mod why;
 mod workflows;
@@ -167,6 +168,13 @@ enum Command {
         /// Seconds without progress after which a step request goes to another runner.
         #[arg(long, default_value_t = 30)]
         runner_ack_wait: u64,
+    },
+    /// Secrets that steps reference (`.secrets.NAME`): set, list, delete. Values are never printed.
+    Secrets {
+        #[command(subcommand)]
+        command: secrets::Command,
+        #[command(flatten)]
+        nats: Nats,
     },
     /// Inspect and re-publish dead letters: input Baton rejected, with the reason.
     Deadletters {
@@ -492,6 +500,11 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
         Command::Events { command } => {
             telemetry::init(format, "warn");
             events::run(command).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Secrets { command, nats } => {
+            telemetry::init(format, "warn");
+            secrets::run(&nats.connect("baton-cli").await?, command).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Deadletters { command, nats } => {

@@ -190,6 +190,9 @@ pub struct Run {
     round: u32,
     run_timer_scheduled: bool,
     completions: u32,
+    /// `.secrets` in a step's `with`: each secret the workflow reads bound to its reference, which
+    /// only a runner resolves.
+    secrets: Map<String, Value>,
 }
 
 /// Inputs of a decision that are not in the journal.
@@ -233,6 +236,11 @@ impl Run {
             round: 1,
             run_timer_scheduled: false,
             completions: 0,
+            secrets: workflow
+                .secrets
+                .iter()
+                .map(|name| (name.clone(), json!(baton_core::secrets::reference(name))))
+                .collect(),
         }
     }
 
@@ -1196,6 +1204,7 @@ impl Run {
             "event": self.trigger,
             "steps": steps,
             "run": {"id": self.id, "workflow": self.workflow.name, "version": self.workflow.version},
+            "secrets": self.secrets,
         })
     }
 }

@@ -14,6 +14,7 @@ pub mod dlq;
 pub mod event;
 pub mod provision;
 pub mod registry;
+pub mod secrets;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

@@ -15,6 +15,8 @@ pub const WORKFLOWS_BUCKET: &str = "baton-workflows";
 pub const WAITS_BUCKET: &str = "baton-waits";
 /// The active runs of each concurrency key: `<workflow>.<key hash>` -> run ids.
 pub const CONCURRENCY_BUCKET: &str = "baton-concurrency";
+/// Secrets for steps, by name (`baton secrets set`). Restrict `$KV.baton-secrets.>` to runners.
+pub const SECRETS_BUCKET: &str = "baton-secrets";
 /// The windows of trigger flow control (`dedup`, `rate`): `<key id>` -> start and admitted runs.
 pub const FLOW_BUCKET: &str = "baton-flow";
 
@@ -116,6 +118,11 @@ pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<u32,
         (
             CONCURRENCY_BUCKET,
             "Baton concurrency keys: the active runs of each key",
+            Duration::ZERO,
+        ),
+        (
+            SECRETS_BUCKET,
+            "Baton secrets: values of the secrets steps reference, read by runners",
             Duration::ZERO,
         ),
         (

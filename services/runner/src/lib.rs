@@ -18,7 +18,7 @@ use baton_core::event::{
 };
 use baton_core::shutdown::CancellationToken;
 use baton_core::trace::Trace;
-use baton_core::{Bus, binding, dlq, subjects};
+use baton_core::{Bus, binding, dlq, secrets, subjects};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
@@ -292,11 +292,48 @@ impl Worker {
         }
     }
 
-    /// Runs the handler, with progress acks and heartbeats while it runs, and the step's timeout if
-    /// it has one.
+    /// Runs the handler with the secrets its input references resolved, and every secret's value
+    /// masked in what it returns: a secret's value is never published.
     async fn run_handler(
         &self,
         attempt: &Attempt<'_>,
+        cancel: CancellationToken,
+        message: &jetstream::Message,
+        started: Instant,
+    ) -> Result<Value, StepError> {
+        let mut input = attempt.request.input.clone();
+        let mut resolved = std::collections::BTreeMap::new();
+        let names = secrets::referenced(&input);
+        if !names.is_empty() {
+            let store = secrets::Store::open(&self.bus.js).await;
+            for name in names {
+                let value = store.get(&name).await.map_err(|m| StepError {
+                    message: m.message,
+                    retryable: m.transient,
+                    code: Some("secret-missing".into()),
+                })?;
+                resolved.insert(name, value);
+            }
+            secrets::resolve(&mut input, &resolved);
+        }
+        match self.invoke(attempt, input, cancel, message, started).await {
+            Ok(mut output) => {
+                secrets::mask(&mut output, &resolved);
+                Ok(output)
+            }
+            Err(mut error) => {
+                error.message = secrets::mask_text(&error.message, &resolved);
+                Err(error)
+            }
+        }
+    }
+
+    /// Runs the handler, with progress acks and heartbeats while it runs, and the step's timeout if
+    /// it has one.
+    async fn invoke(
+        &self,
+        attempt: &Attempt<'_>,
+        input: Value,
         cancel: CancellationToken,
         message: &jetstream::Message,
         started: Instant,
@@ -312,7 +349,7 @@ impl Worker {
             delivered: attempt.delivered,
             cancel: cancel.clone(),
         };
-        let work = (self.handler)(request.input.clone(), ctx);
+        let work = (self.handler)(input, ctx);
         let timeout = request
             .timeout_ms
             .map(Duration::from_millis)

@@ -79,6 +79,11 @@ const ITEM_ROOTS: &[&str] = &["event", "inputs", "steps", "run", "item", "index"
 const OUTPUT_ROOTS: &[&str] = &["event", "inputs", "steps", "run", "result"];
 const ITEM_OUTPUT_ROOTS: &[&str] = &["event", "inputs", "steps", "run", "item", "index", "result"];
 const START_ROOTS: &[&str] = &["event", "inputs", "run"];
+/// The `with` of a step (or compensation) run by a runner: secrets are resolved there.
+const WITH_ROOTS: &[&str] = &["event", "inputs", "steps", "run", "secrets"];
+const ITEM_WITH_ROOTS: &[&str] = &[
+    "event", "inputs", "steps", "run", "item", "index", "secrets",
+];
 
 const NAME_HINT: &str = "use letters, digits, `-` and `_`";
 const DURATION_HINT: &str = "write a duration such as `500ms`, `30s`, `5m`, `2h`, `1d` or `1h30m`";
@@ -97,6 +102,7 @@ pub(crate) fn compile(text: &str) -> Result<Workflow, Problems> {
         refs: Vec::new(),
         ids: HashMap::new(),
         inputs: Vec::new(),
+        secrets: Default::default(),
     };
     for d in diagnostics {
         c.problem_at(d.pos, "", d.message, d.hint);
@@ -145,6 +151,8 @@ struct Compiler<'s> {
     /// Step id -> index (the first step with the id).
     ids: HashMap<String, usize>,
     inputs: Vec<String>,
+    /// Secret names that `with` reads.
+    secrets: std::collections::BTreeSet<String>,
 }
 
 /// A mapping of the file, checked for unknown and missing keys.
@@ -618,6 +626,7 @@ impl<'s> Compiler<'s> {
             outputs,
             timeout,
             concurrency,
+            secrets: std::mem::take(&mut self.secrets).into_iter().collect(),
         })
     }
 
@@ -991,7 +1000,15 @@ impl<'s> Compiler<'s> {
                         Some("write `with:` followed by `name: value` lines"),
                     );
                 }
-                (self.template(n, &with_at, scope), Some(Action::Run))
+                let with_scope = Scope {
+                    roots: if for_each_node.is_some() {
+                        ITEM_WITH_ROOTS
+                    } else {
+                        WITH_ROOTS
+                    },
+                    ..scope
+                };
+                (self.template(n, &with_at, with_scope), Some(Action::Run))
             }
             (_, None) => (
                 Template::Literal(Value::Object(Default::default())),
@@ -1260,7 +1277,11 @@ impl<'s> Compiler<'s> {
         });
         let scope = Scope {
             step: Some(step),
-            roots: if for_each { ITEM_ROOTS } else { RUN_ROOTS },
+            roots: if for_each {
+                ITEM_WITH_ROOTS
+            } else {
+                WITH_ROOTS
+            },
             own: true,
         };
         let with = match obj.get("with") {
@@ -1492,6 +1513,34 @@ impl<'s> Compiler<'s> {
                         format!("`.{root}` is not in the context of this expression"),
                         Some(hint),
                     );
+                    continue;
+                }
+                if root == "secrets" {
+                    match &r.key {
+                        Some((name, _))
+                            if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+                        {
+                            self.secrets.insert(name.clone());
+                        }
+                        Some((name, at)) => {
+                            let p = pos(self, *at);
+                            self.problem_at(
+                                p,
+                                &site.site.at,
+                                format!("`{name}` is not a secret name"),
+                                Some("secret names are letters, digits and `_`".into()),
+                            );
+                        }
+                        None => {
+                            let p = pos(self, root_at);
+                            self.problem_at(
+                                p,
+                                &site.site.at,
+                                "`.secrets` is read without naming a secret".into(),
+                                Some("name the secret: `.secrets.api_token`".into()),
+                            );
+                        }
+                    }
                     continue;
                 }
                 let Some((key, key_at)) = &r.key else {

@@ -50,6 +50,8 @@ pub struct Workflow {
     pub timeout: Option<Duration>,
     /// How many runs may be active at once, per key.
     pub concurrency: Option<Concurrency>,
+    /// The secrets that steps' `with` read (`.secrets.NAME`), resolved by the runner only.
+    pub secrets: Vec<String>,
 }
 
 /// A CloudEvent that starts a run.

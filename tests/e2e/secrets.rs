@@ -1,0 +1,182 @@
+//! Secrets: a workflow uses two secrets (one from the cluster's bucket, one from the runner's
+//! environment) in an HTTP header and a process environment; the peer gets the real values, and
+//! neither value is anywhere in the journal, the event and dead-letter streams, the outputs or the
+//! logs of any process.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use baton_core::event::{Ending, RunEvent};
+use baton_core::streams;
+use baton_tests::{BatonProcess, NatsServer, baton_binary};
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::saga::{apply, ending, start_run};
+use crate::{bus, wait_for_end};
+
+const TOKEN: &str = "tok-5f1c9a7e-VERY-SECRET";
+const KEY: &str = "key-0d4b2e88-ALSO-SECRET";
+
+const WORKFLOW: &str = r#"
+name: deploy-with-secrets
+inputs: { url: { type: string } }
+steps:
+  - id: call
+    uses: http
+    with:
+      url: ${{ .inputs.url }}
+      headers: { Authorization: "Bearer ${{ .secrets.api_token }}" }
+  - id: script
+    uses: exec
+    with:
+      shell: 'echo "using $DEPLOY_KEY"; echo "token was $TOKEN" >&2; exit 3'
+      env: { DEPLOY_KEY: "${{ .secrets.deploy_key }}", TOKEN: "${{ .secrets.api_token }}" }
+    on-failure: continue
+  - id: missing
+    uses: echo
+    with: { x: "${{ .secrets.not_set }}" }
+    needs: []
+    on-failure: continue
+"#;
+
+/// Every byte of every message of a stream.
+async fn stream_bytes(bus: &baton_core::Bus, name: &str) -> Vec<u8> {
+    let stream = bus.js.get_stream(name).await.unwrap();
+    let mut consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    if consumer.info().await.unwrap().num_pending == 0 {
+        return all;
+    }
+    let mut messages = consumer.messages().await.unwrap();
+    while let Some(m) = messages.next().await {
+        let m = m.unwrap();
+        all.extend_from_slice(m.subject.as_bytes());
+        for (name, values) in m.headers.iter().flat_map(|h| h.iter()) {
+            all.extend_from_slice(AsRef::<str>::as_ref(name).as_bytes());
+            for v in values {
+                all.extend_from_slice(v.as_str().as_bytes());
+            }
+        }
+        all.extend_from_slice(&m.payload);
+        if m.info().unwrap().pending == 0 {
+            break;
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn secret_values_reach_the_step_and_nowhere_else() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let bus = bus(&url).await;
+
+    // The peer: records the Authorization it got, and echoes it back in its body.
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let app = Router::new().route(
+        "/deploy",
+        get({
+            let seen = seen.clone();
+            move |headers: HeaderMap| async move {
+                let auth = headers["authorization"].to_str().unwrap().to_owned();
+                seen.lock().unwrap().push(auth.clone());
+                axum::Json(json!({"you_sent": auth}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = format!("http://{}/deploy", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    // One secret in the bucket (as an operator stores it), one in the runner's environment.
+    let mut set = std::process::Command::new(baton_binary())
+        .args(["secrets", "set", "api_token", "--nats-url", &url])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(set.stdin.take().unwrap(), "{TOKEN}").unwrap();
+    assert!(set.wait().unwrap().success());
+
+    let version = apply(&bus, "deploy-with-secrets", WORKFLOW).await;
+    let coordinator = BatonProcess::start(&["coordinator", "--nats-url", &url]);
+    let runner = BatonProcess::start_with_env(
+        &["runner", "--nats-url", &url],
+        &[("BATON_SECRET_DEPLOY_KEY", KEY)],
+    );
+    let run = start_run(&bus, "deploy-with-secrets", version, json!({"url": peer})).await;
+    let log = || {
+        format!(
+            "coordinator:\n{}\nrunner:\n{}",
+            coordinator.log(),
+            runner.log()
+        )
+    };
+    let journal = wait_for_end(&bus, &run, Duration::from_secs(30), log).await;
+    assert_eq!(ending(&journal), Some(Ending::Succeeded), "{journal:#?}");
+
+    // The peer got the real token.
+    assert_eq!(*seen.lock().unwrap(), [format!("Bearer {TOKEN}")]);
+    // The outputs and errors say `***` where a value was.
+    let outcome = |step: &str| {
+        journal.iter().find_map(|j| match &j.event {
+            RunEvent::StepCompleted(c) if c.step == step => Some(Ok(c.output.clone())),
+            RunEvent::StepFailed(f) if f.step == step => Some(Err(f.error.clone())),
+            _ => None,
+        })
+    };
+    let call = outcome("call").unwrap().unwrap();
+    assert_eq!(call["body"]["you_sent"], "Bearer ***");
+    let script = outcome("script").unwrap().unwrap_err();
+    assert!(script.message.contains("token was ***"), "{script:?}");
+    let missing = outcome("missing").unwrap().unwrap_err();
+    assert_eq!(missing.code.as_deref(), Some("secret-missing"));
+    assert!(
+        missing.message.contains("secret not_set is not set"),
+        "{missing:?}"
+    );
+    // The request in the journal names the secret, not its value.
+    let requested = journal
+        .iter()
+        .find_map(|j| match &j.event {
+            RunEvent::StepRequested(r) if r.step == "call" => Some(r.input.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        requested["headers"]["Authorization"],
+        "Bearer <<secret:api_token>>"
+    );
+
+    // Nowhere: the journal, the event and dead-letter streams, any process's log.
+    for stream in [streams::RUNS, streams::EVENTS, streams::DLQ] {
+        let bytes = stream_bytes(&bus, stream).await;
+        for secret in [TOKEN, KEY] {
+            assert!(!contains(&bytes, secret), "{secret} is in {stream}");
+        }
+    }
+    for (name, text) in [("coordinator", coordinator.log()), ("runner", runner.log())] {
+        for secret in [TOKEN, KEY] {
+            assert!(!text.contains(secret), "{secret} is in the {name} log");
+        }
+    }
+    let (ok, listed, _) = baton_tests::baton_command(&["secrets", "list", "--nats-url", &url], &[]);
+    assert!(
+        ok && listed.trim() == "api_token" && !listed.contains(TOKEN),
+        "{listed}"
+    );
+}
