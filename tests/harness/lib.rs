@@ -255,6 +255,82 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// Waits until every stream and consumer has a leader and all its replicas are current (caught
+    /// up with their leader). Only then is the cluster healthy, so that losing one node is an outage
+    /// the other two absorb: a replica still catching up when its leader dies may be unable to take
+    /// over. Panics with what still lags after `timeout`.
+    pub async fn wait_current(&self, js: &async_nats::jetstream::Context, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lagging = match lagging(js).await {
+                Ok(lagging) => lagging,
+                Err(error) => vec![format!("cannot list the streams: {error}")],
+            };
+            if lagging.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster's replicas are not current after {timeout:?}: {lagging:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The streams and consumers that lack a leader or a current replica.
+async fn lagging(
+    js: &async_nats::jetstream::Context,
+) -> Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>> {
+    use futures::TryStreamExt;
+    let mut lagging = Vec::new();
+    let streams: Vec<async_nats::jetstream::stream::Info> = js.streams().try_collect().await?;
+    for stream in streams {
+        let name = &stream.config.name;
+        let replicas = stream.config.num_replicas;
+        if let Some(why) = unhealthy(stream.cluster.as_ref(), replicas) {
+            lagging.push(format!("stream {name}: {why}"));
+        }
+        let consumers: Vec<async_nats::jetstream::consumer::Info> =
+            js.get_stream(name).await?.consumers().try_collect().await?;
+        for consumer in consumers {
+            // 0: as many as the stream.
+            let wanted = match consumer.config.num_replicas {
+                0 => replicas,
+                n => n,
+            };
+            if let Some(why) = unhealthy(consumer.cluster.as_ref(), wanted) {
+                lagging.push(format!("consumer {name} > {}: {why}", consumer.name));
+            }
+        }
+    }
+    Ok(lagging)
+}
+
+fn unhealthy(
+    cluster: Option<&async_nats::jetstream::stream::ClusterInfo>,
+    replicas: usize,
+) -> Option<String> {
+    let Some(cluster) = cluster else {
+        return Some("no cluster information".into());
+    };
+    if cluster.leader.is_none() {
+        return Some("no leader".into());
+    }
+    if cluster.replicas.len() + 1 < replicas {
+        return Some(format!(
+            "{} of {replicas} replicas",
+            cluster.replicas.len() + 1
+        ));
+    }
+    let behind: Vec<String> = cluster
+        .replicas
+        .iter()
+        .filter(|r| !r.current || r.offline)
+        .map(|r| format!("{} (lag {:?})", r.name, r.lag))
+        .collect();
+    (!behind.is_empty()).then(|| format!("not current: {}", behind.join(", ")))
 }
 
 /// A `baton` process, killed on drop.
