@@ -9,6 +9,7 @@ mod gateway;
 mod harness;
 mod history;
 mod interop;
+mod kinds;
 mod saga;
 mod secrets;
 mod slice;
