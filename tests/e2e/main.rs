@@ -13,6 +13,7 @@ mod kinds;
 mod saga;
 mod secrets;
 mod slice;
+mod step_services;
 mod waits;
 mod workflows;
 
