@@ -15,7 +15,7 @@ use baton_core::dlq::DeadLetter;
 use baton_core::event::{
     self, Ending, Parent, RunEvent, RunRequested, StepError, StepFailed, WorkflowRef,
 };
-use baton_core::shutdown::CancellationToken;
+use baton_core::shutdown::{CancellationToken, until_ok};
 use baton_core::trace::Trace;
 use baton_core::{Bus, binding, dlq, subjects};
 use baton_workflow::Workflow;
@@ -83,28 +83,35 @@ impl Coordinator {
 
     /// Runs until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let stream = self
-            .bus
-            .js
-            .get_stream(baton_core::streams::RUNS)
-            .await
-            .map_err(jserr)?;
+        let js = &self.bus.js;
+        let Some(stream) = until_ok("get stream BATON_RUNS", &shutdown, || {
+            js.get_stream(baton_core::streams::RUNS)
+        })
+        .await
+        else {
+            return Ok(());
+        };
         let mut tasks = Vec::new();
         for p in 0..self.bus.partitions {
-            let consumer: consumer::PullConsumer = stream
-                .create_consumer(consumer::pull::Config {
-                    durable_name: Some(format!("coordinator-{p}")),
-                    filter_subjects: subjects::coordinator_filters(p),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: self.options.ack_wait,
-                    max_ack_pending: 10_000,
-                    priority_policy: consumer::PriorityPolicy::PinnedClient,
-                    priority_groups: vec![GROUP.to_owned()],
-                    priority_timeout: self.options.takeover_after,
-                    ..Default::default()
-                })
-                .await
-                .map_err(jserr)?;
+            let config = consumer::pull::Config {
+                durable_name: Some(format!("coordinator-{p}")),
+                filter_subjects: subjects::coordinator_filters(p),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: self.options.ack_wait,
+                max_ack_pending: 10_000,
+                priority_policy: consumer::PriorityPolicy::PinnedClient,
+                priority_groups: vec![GROUP.to_owned()],
+                priority_timeout: self.options.takeover_after,
+                ..Default::default()
+            };
+            let Some(consumer) = until_ok("create the coordinator's consumers", &shutdown, || {
+                stream.create_consumer(config.clone())
+            })
+            .await
+            else {
+                return Ok(());
+            };
+            let consumer: consumer::PullConsumer = consumer;
             let partition = Partition {
                 p,
                 bus: self.bus.clone(),

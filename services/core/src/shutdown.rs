@@ -29,3 +29,32 @@ async fn signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// Runs `op` until it succeeds, backing off from 250 ms to 5 s, or until `shutdown` is cancelled
+/// (`None`). For the requests a service makes when it starts (getting a stream, creating its
+/// consumers): while a cluster elects a leader they time out, and the service waits for the cluster
+/// instead of exiting.
+pub async fn until_ok<T, E, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut op: impl FnMut() -> Fut,
+) -> Option<T>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut pause = std::time::Duration::from_millis(250);
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(error) => {
+                tracing::warn!(%error, "cannot {what} yet; retrying in {pause:?}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind, consumer, kv};
 use baton_core::event::{self, RunEvent, RunRequested, Trigger as EventJson, WorkflowRef};
 use baton_core::registry::Registry;
-use baton_core::shutdown::CancellationToken;
+use baton_core::shutdown::{CancellationToken, until_ok};
 use baton_core::workflows::Workflows;
 use baton_core::{Bus, binding, dlq, streams};
 use baton_workflow::{Flow, Trigger, Workflow};
@@ -176,21 +176,26 @@ impl Triggers {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
-        let stream = self
-            .bus
-            .js
-            .get_stream(streams::EVENTS)
-            .await
-            .map_err(jserr)?;
-        let consumer: consumer::PullConsumer = stream
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some("triggers".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .map_err(jserr)?;
+        let js = &self.bus.js;
+        let Some(stream) =
+            until_ok("get stream BATON_EVENTS", &shutdown, || js.get_stream(streams::EVENTS)).await
+        else {
+            return Ok(());
+        };
+        let config = consumer::pull::Config {
+            durable_name: Some("triggers".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let Some(consumer) = until_ok("create the triggers consumer", &shutdown, || {
+            stream.create_consumer(config.clone())
+        })
+        .await
+        else {
+            return Ok(());
+        };
+        let consumer: consumer::PullConsumer = consumer;
         let mut messages = consumer.messages().await.map_err(jserr)?;
         loop {
             let message = tokio::select! {

@@ -16,7 +16,7 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use baton_core::event::{
     self, RunEvent, StepActivity, StepCompleted, StepError, StepFailed, StepRequested,
 };
-use baton_core::shutdown::CancellationToken;
+use baton_core::shutdown::{CancellationToken, until_ok};
 use baton_core::trace::Trace;
 use baton_core::{Bus, binding, dlq, secrets, subjects};
 use futures::StreamExt;
@@ -104,29 +104,36 @@ impl Runner {
     /// Runs until `shutdown` is cancelled. Steps in progress at that moment are abandoned without an
     /// ack, so JetStream hands them to another runner.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let stream = self
-            .bus
-            .js
-            .get_stream(baton_core::streams::RUNS)
-            .await
-            .map_err(jserr)?;
+        let js = &self.bus.js;
+        let Some(stream) = until_ok("get stream BATON_RUNS", &shutdown, || {
+            js.get_stream(baton_core::streams::RUNS)
+        })
+        .await
+        else {
+            return Ok(());
+        };
         let permits = Arc::new(Semaphore::new(self.options.concurrency));
         let mut tasks = Vec::new();
         for (kind, handler) in self.handlers {
             if !subjects::is_token(&kind) {
                 return Err(Error::BadKind(kind));
             }
-            let consumer: consumer::PullConsumer = stream
-                .create_consumer(consumer::pull::Config {
-                    durable_name: Some(format!("runner-{kind}")),
-                    filter_subjects: subjects::step_requests(&kind),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: self.options.ack_wait,
-                    max_ack_pending: 10_000,
-                    ..Default::default()
-                })
-                .await
-                .map_err(jserr)?;
+            let config = consumer::pull::Config {
+                durable_name: Some(format!("runner-{kind}")),
+                filter_subjects: subjects::step_requests(&kind),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: self.options.ack_wait,
+                max_ack_pending: 10_000,
+                ..Default::default()
+            };
+            let Some(consumer) = until_ok("create the runner's consumers", &shutdown, || {
+                stream.create_consumer(config.clone())
+            })
+            .await
+            else {
+                return Ok(());
+            };
+            let consumer: consumer::PullConsumer = consumer;
             let worker = Worker {
                 kind: kind.clone(),
                 handler,
@@ -159,7 +166,14 @@ impl Worker {
         consumer: consumer::PullConsumer,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        let mut messages = consumer.messages().await.map_err(jserr)?;
+        // Pull no more than can run at once: a request waiting in the client's buffer gets no
+        // progress acks, and would be redelivered (and count as a lost delivery) if it waited long.
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(self.options.concurrency.max(1))
+            .messages()
+            .await
+            .map_err(jserr)?;
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
