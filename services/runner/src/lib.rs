@@ -17,12 +17,15 @@ use baton_core::event::{
     self, RunEvent, StepActivity, StepCompleted, StepError, StepFailed, StepRequested,
 };
 use baton_core::shutdown::{CancellationToken, until_ok};
+use baton_core::spans::{self, Outcome};
+use baton_core::telemetry;
 use baton_core::trace::Trace;
 use baton_core::{Bus, binding, dlq, secrets, subjects};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// What a handler knows about the attempt it executes.
 #[derive(Debug, Clone)]
@@ -202,26 +205,65 @@ impl Worker {
     async fn execute(&self, message: jetstream::Message, cancel: CancellationToken) {
         let decoded = binding::decode(message.headers.as_ref(), &message.payload)
             .map_err(|e| e.to_string())
-            .and_then(|ce| match RunEvent::from_message(&message.subject, &ce) {
-                Ok(RunEvent::StepRequested(r)) => {
-                    Ok((r, false, event::trace(&ce).unwrap_or_default()))
+            .and_then(|ce| {
+                // The spans of the attempts the step depended on, for its span to link to.
+                let links = ce
+                    .extension(spans::LINKS_EXTENSION)
+                    .map(|v| spans::parse_links(&v.to_string()))
+                    .unwrap_or_default();
+                match RunEvent::from_message(&message.subject, &ce) {
+                    Ok(RunEvent::StepRequested(r)) => Ok((r, false, event::trace(&ce), links)),
+                    Ok(RunEvent::CompensationRequested(r)) => {
+                        Ok((r, true, event::trace(&ce), links))
+                    }
+                    Ok(other) => Err(format!(
+                        "expected a step or compensation request, got {}",
+                        other.ty()
+                    )),
+                    Err(e) => Err(e.to_string()),
                 }
-                Ok(RunEvent::CompensationRequested(r)) => {
-                    Ok((r, true, event::trace(&ce).unwrap_or_default()))
-                }
-                Ok(other) => Err(format!(
-                    "expected a step or compensation request, got {}",
-                    other.ty()
-                )),
-                Err(e) => Err(e.to_string()),
             });
-        let (request, compensation, trace) = match decoded {
+        let (request, compensation, trace, links) = match decoded {
             Ok(d) => d,
             Err(reason) => {
                 dlq::reject(&self.bus.js, "runner", &message, &reason).await;
                 return;
             }
         };
+        // The request's context: the run's trace, the run span as parent (derived from the run
+        // when the request has none, so that every runner agrees).
+        let trace = trace.unwrap_or_else(|| {
+            spans::run_context(&spans::fallback_trace(&request.run_id), &request.run_id)
+        });
+        // Log lines about the attempt carry its trace and span ids.
+        let span = telemetry::ids_span(
+            &trace.trace_id,
+            &spans::request_span_id(&request, compensation),
+        );
+        let job = Job {
+            request,
+            compensation,
+            trace,
+            links,
+        };
+        self.execute_attempt(message, cancel, job)
+            .instrument(span)
+            .await
+    }
+
+    /// Executes an attempt and stores its outcome; then exports the attempt's span.
+    async fn execute_attempt(
+        &self,
+        message: jetstream::Message,
+        cancel: CancellationToken,
+        job: Job,
+    ) {
+        let Job {
+            request,
+            compensation,
+            trace,
+            links,
+        } = job;
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
         let attempt = Attempt {
             request: &request,
@@ -231,6 +273,7 @@ impl Worker {
             runner: self,
         };
         let started = Instant::now();
+        let began = chrono::Utc::now();
         let outcome = if delivered > self.options.max_deliveries {
             Err(StepError {
                 message: format!(
@@ -243,7 +286,11 @@ impl Worker {
             if delivered > 1 {
                 tracing::info!(run = %request.run_id, step = %request.step, delivered, "redelivered request: executing the attempt again with the same idempotency key");
             }
-            attempt.announce(false, started).await;
+            // A redelivery is announced at once (someone should know a runner was lost); a first
+            // delivery only once it has run for ANNOUNCE_AFTER, so a quick step costs no write.
+            if delivered > 1 {
+                attempt.announce(false, started).await;
+            }
             self.run_handler(&attempt, cancel.clone(), &message, started)
                 .await
         };
@@ -252,6 +299,7 @@ impl Worker {
             return;
         }
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        let ended = chrono::Utc::now();
         let mut event = attempt.outcome(outcome, elapsed_ms);
         // An outcome larger than the server takes could never be stored: fail the attempt instead
         // of retrying forever.
@@ -290,6 +338,23 @@ impl Worker {
                 Ok(()) => {
                     // Acked only now: a runner that dies before this point gets the request again.
                     let _ = message.ack().await;
+                    let outcome = match &event {
+                        RunEvent::StepFailed(f) | RunEvent::CompensationFailed(f) => {
+                            Outcome::Failed(f.error.clone())
+                        }
+                        _ => Outcome::Completed,
+                    };
+                    telemetry::export([spans::attempt_span(&spans::Attempt {
+                        request: &request,
+                        compensation,
+                        context: &trace,
+                        links: &links,
+                        runner: Some(&self.options.instance),
+                        delivered: delivered as u32,
+                        start: began,
+                        end: ended,
+                        outcome,
+                    })]);
                     return;
                 }
                 Err(error) if cancel.is_cancelled() => {
@@ -373,9 +438,16 @@ impl Worker {
         tokio::pin!(work);
         let deadline = tokio::time::sleep(timeout.min(Duration::from_secs(365 * 24 * 3600)));
         tokio::pin!(deadline);
+        let announce = tokio::time::sleep(ANNOUNCE_AFTER);
+        tokio::pin!(announce);
+        let mut announced = attempt.delivered > 1;
         loop {
             tokio::select! {
                 result = &mut work => return result,
+                _ = &mut announce, if !announced => {
+                    announced = true;
+                    attempt.announce(false, started).await;
+                }
                 _ = progress.tick() => {
                     let _ = message.ack_with(AckKind::Progress).await;
                     attempt.announce(true, started).await;
@@ -390,6 +462,18 @@ impl Worker {
             }
         }
     }
+}
+
+/// A first delivery is announced (`step.started`) only when it runs this long: most steps end
+/// sooner, and their outcome says all the announcement would.
+pub const ANNOUNCE_AFTER: Duration = Duration::from_secs(1);
+
+/// A request as received: what it asks for, its trace context, the spans it depended on.
+struct Job {
+    request: StepRequested,
+    compensation: bool,
+    trace: Trace,
+    links: Vec<String>,
 }
 
 /// One delivery of a request being executed.
