@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use baton_core::streams::Topology;
-use cloudevents::{EventBuilder, EventBuilderV10};
 
 use crate::server::NatsProcess;
 use crate::{run_services, runs};
@@ -42,6 +41,10 @@ pub struct Options {
     /// Address of the gateway's HTTP server.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
+    /// Export traces to this OTLP endpoint (e.g. http://localhost:4318 for Jaeger; with
+    /// OTEL_EXPORTER_OTLP_PROTOCOL=grpc, http://localhost:4317). The OTEL_* variables work too.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub otlp: Option<String>,
     /// Feed the bundled sample event (a GitHub release) to the stack, show the run it starts, and
     /// exit when the run ends.
     #[arg(long)]
@@ -109,7 +112,7 @@ async fn serve(
     let gateway = baton_gateway::HttpOptions {
         listen: http,
         token: None,
-        github_secret: Some(github_secret),
+        github_secret: Some(github_secret.clone()),
         max_bytes: baton_core::binding::Limits::default().max_bytes,
         allowed_origins: Vec::new(),
     };
@@ -120,7 +123,7 @@ async fn serve(
         shutdown.clone(),
     ));
     let code = if demo {
-        let result = run_demo(&bus).await;
+        let result = run_demo(&bus, http, &github_secret).await;
         shutdown.cancel();
         result?
     } else {
@@ -140,9 +143,14 @@ async fn serve(
     Ok(code)
 }
 
-/// Publishes the sample GitHub release delivery on NATS as a CloudEvent, the way the gateway's
-/// GitHub adapter maps it, and follows the run it starts.
-async fn run_demo(bus: &baton_core::Bus) -> anyhow::Result<ExitCode> {
+/// Delivers the sample GitHub release to the gateway's webhook endpoint, signed as GitHub signs
+/// it, and follows the run it starts.
+async fn run_demo(
+    bus: &baton_core::Bus,
+    http: SocketAddr,
+    secret: &str,
+) -> anyhow::Result<ExitCode> {
+    use hmac::{Hmac, Mac};
     let payload: serde_json::Value = serde_json::from_str(SAMPLE_RELEASE)?;
     let source = payload["repository"]["url"]
         .as_str()
@@ -150,26 +158,45 @@ async fn run_demo(bus: &baton_core::Bus) -> anyhow::Result<ExitCode> {
         .to_owned();
     // Each demo is a new delivery, so it starts a new run.
     let delivery = baton_core::event::new_run_id();
-    let event = EventBuilderV10::new()
-        .id(&delivery)
-        .source(&source)
-        .ty("com.github.release.published")
-        .subject(payload["release"]["id"].to_string())
-        .time(
-            payload["release"]["published_at"]
-                .as_str()
-                .unwrap_or("1970-01-01T00:00:00Z"),
-        )
-        .data("application/json", SAMPLE_RELEASE.as_bytes().to_vec())
-        .build()?;
-    let (headers, body) = baton_core::binding::encode(&event);
-    bus.js
-        .publish_with_headers(baton_core::subjects::ingress("github"), headers, body)
-        .await?
-        .await
-        .context("the sample event was not stored")?;
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())?;
+    mac.update(SAMPLE_RELEASE.as_bytes());
+    let signature: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let client = reqwest::Client::new();
+    let url = format!("http://{http}/webhooks/github");
+    // The server may still be binding its port.
+    let mut tries = 0;
+    let answer = loop {
+        let sent = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("user-agent", "GitHub-Hookshot/baton-demo")
+            .header("x-github-event", "release")
+            .header("x-github-delivery", &delivery)
+            .header("x-hub-signature-256", format!("sha256={signature}"))
+            .body(SAMPLE_RELEASE)
+            .send()
+            .await;
+        match sent {
+            Ok(r) => break r,
+            Err(_) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context(format!("cannot reach the gateway at {url}")),
+        }
+    };
+    let status = answer.status();
+    let body = answer.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("the gateway refused the sample delivery: {status} {body}");
+    }
     println!(
-        "\nPublished a GitHub release.published event for {source} (delivery {delivery}) on NATS"
+        "\nDelivered a GitHub `release` webhook (published, {source}, delivery {delivery}) to {url}: {status} {body}"
     );
     let run_id = baton_core::event::triggered_run_id("release", &source, &delivery);
     println!("It starts run {run_id} of workflow release:");
