@@ -16,6 +16,7 @@ pub mod provision;
 pub mod registry;
 pub mod secrets;
 pub mod shutdown;
+pub mod spans;
 pub mod streams;
 pub mod subjects;
 pub mod telemetry;

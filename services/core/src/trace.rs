@@ -15,13 +15,13 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// A new trace (sampled), for runs that start without a valid context.
+    /// A new trace (sampled), for runs that start without a valid context. Its parent id is no
+    /// span's: it marks the run span of this trace as a root ([`crate::spans::is_root`]).
     pub fn new() -> Trace {
-        let trace = ulid::Ulid::generate().0;
-        let span = ulid::Ulid::generate().0 as u64 | 1;
+        let trace_id = format!("{:032x}", ulid::Ulid::generate().0);
         Trace {
-            trace_id: format!("{trace:032x}"),
-            parent_id: format!("{span:016x}"),
+            parent_id: crate::spans::root_parent(&trace_id),
+            trace_id,
             flags: 1,
             state: None,
         }
