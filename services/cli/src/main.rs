@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use baton_core::shutdown::CancellationToken;
 use baton_core::streams::Topology;
-use baton_core::telemetry::{self, LogFormat};
+use baton_core::telemetry::{self, LogFormat, Service};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -195,6 +195,10 @@ enum Command {
     Runner {
         #[command(flatten)]
         nats: Nats,
+        /// Serve only these kinds (comma-separated, or repeat), e.g. `--kinds exec,http` for a
+        /// runner on the machines that may run programs. Default: every built-in kind.
+        #[arg(long, value_delimiter = ',', env = "BATON_RUNNER_KINDS")]
+        kinds: Vec<String>,
         /// Steps executed at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
@@ -235,6 +239,14 @@ enum RunsCommand {
     },
     /// Explain what a run that has not ended waits for, and since when.
     Why {
+        id: String,
+        #[command(flatten)]
+        nats: Nats,
+    },
+    /// Print a run's trace as an OTLP/JSON file (an `ExportTraceServiceRequest`, as Jaeger
+    /// imports it), built from the journal with the ids of the live spans:
+    /// `baton runs trace ID > run.json`.
+    Trace {
         id: String,
         #[command(flatten)]
         nats: Nats,
@@ -302,12 +314,16 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
     match command {
         Command::Dev(options) => {
             // The demo's output is the run itself; keep the logs for problems.
-            telemetry::init(
+            let _telemetry = telemetry::init_service(
                 format,
                 if options.demo {
                     "warn"
                 } else {
                     "info,async_nats=warn"
+                },
+                &Service {
+                    otlp_endpoint: options.otlp.clone(),
+                    ..Service::new("baton", "baton")
                 },
             );
             dev::run(options).await
@@ -362,6 +378,9 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 RunsCommand::Events { id, nats } => {
                     runs::events(&nats.connect("baton-cli").await?, &id).await?;
                 }
+                RunsCommand::Trace { id, nats } => {
+                    runs::trace(&nats.connect("baton-cli").await?, &id).await?;
+                }
                 RunsCommand::Show { id, nats } => {
                     runs::show(&nats.connect("baton-cli").await?, &id).await?;
                 }
@@ -390,7 +409,11 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             http,
             runner_ack_wait,
         } => {
-            telemetry::init(format, "info,async_nats=warn");
+            let _telemetry = telemetry::init_service(
+                format,
+                "info,async_nats=warn",
+                &Service::new("baton", "baton"),
+            );
             let bus = nats.connect("baton").await?;
             let shutdown = baton_core::shutdown::on_signal();
             run_services(
@@ -406,7 +429,11 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             nats,
             takeover_after,
         } => {
-            telemetry::init(format, "info,async_nats=warn");
+            let _telemetry = telemetry::init_service(
+                format,
+                "info,async_nats=warn",
+                &Service::new("baton-coordinator", "coordinator"),
+            );
             let bus = nats.connect("baton-coordinator").await?;
             let options = baton_coordinator::Options {
                 takeover_after: Duration::from_secs(takeover_after),
@@ -421,10 +448,15 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
         }
         Command::Runner {
             nats,
+            kinds: only,
             concurrency,
             ack_wait,
         } => {
-            telemetry::init(format, "info,async_nats=warn");
+            let _telemetry = telemetry::init_service(
+                format,
+                "info,async_nats=warn",
+                &Service::new("baton-runner", "runner"),
+            );
             let bus = nats.connect("baton-runner").await?;
             let options = baton_runner::Options {
                 concurrency,
@@ -432,14 +464,33 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 ..Default::default()
             };
             let shutdown = baton_core::shutdown::on_signal();
-            let kinds = baton_runner::kinds::builtin(bus.client.clone());
+            let mut kinds = baton_runner::kinds::builtin(bus.client.clone());
+            if !only.is_empty() {
+                let mut known: Vec<&String> = kinds.keys().collect();
+                known.sort();
+                if let Some(unknown) = only.iter().find(|k| !kinds.contains_key(k.as_str())) {
+                    anyhow::bail!(
+                        "--kinds: `{unknown}` is not a kind this runner has; it has {}",
+                        known
+                            .iter()
+                            .map(|k| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                kinds.retain(|kind, _| only.contains(kind));
+            }
             baton_runner::Runner::new(bus, options, kinds)
                 .run(shutdown)
                 .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Gateway { nats, http } => {
-            telemetry::init(format, "info,async_nats=warn");
+            let _telemetry = telemetry::init_service(
+                format,
+                "info,async_nats=warn",
+                &Service::new("baton-gateway", "gateway"),
+            );
             let bus = nats.connect("baton-gateway").await?;
             let shutdown = baton_core::shutdown::on_signal();
             let options = baton_gateway::Options {

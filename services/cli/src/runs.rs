@@ -100,7 +100,8 @@ pub async fn load_with_workflow(
         .get(&request.workflow.name, request.workflow.version)
         .await
         .map_err(anyhow::Error::msg)?;
-    let mut run = Run::new(&request, &workflow, trace.unwrap_or_default());
+    let trace = trace.unwrap_or_else(|| baton_core::spans::fallback_trace(run_id));
+    let mut run = Run::new(&request, &workflow, trace);
     for e in &events {
         run.apply(&e.event);
     }
@@ -524,6 +525,19 @@ pub async fn list(
             r.started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         );
     }
+    Ok(())
+}
+
+/// Prints a run's trace as an OTLP/JSON `ExportTraceServiceRequest`: the spans the services export
+/// live (same ids), rebuilt from the journal.
+pub async fn trace(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
+    let (_, workflow, events) = load_with_workflow(bus, run_id).await?;
+    let entries: Vec<_> = events.iter().map(Journaled::entry).collect();
+    let spans = baton_core::spans::from_journal(&entries, &workflow);
+    println!(
+        "{}",
+        serde_json::to_string(&baton_core::telemetry::otlp_json(&spans))?
+    );
     Ok(())
 }
 

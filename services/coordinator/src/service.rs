@@ -17,11 +17,12 @@ use baton_core::event::{
 };
 use baton_core::shutdown::{CancellationToken, until_ok};
 use baton_core::trace::Trace;
-use baton_core::{Bus, binding, dlq, subjects};
+use baton_core::{Bus, binding, dlq, spans, subjects, telemetry};
 use baton_workflow::Workflow;
 use futures::StreamExt;
 use futures::future::join_all;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::concurrency::{Admission, Slots};
 use crate::saga::{Clock, Run, Status, StepStatus};
@@ -258,7 +259,13 @@ impl Partition {
                     }
                 }
             }
-            self.handle(message, &evict_tx).await;
+            // Log lines about the event carry its run's trace and span ids.
+            let span = tracing::error_span!(
+                "run",
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty
+            );
+            self.handle(message, &evict_tx).instrument(span).await;
         }
         Ok(())
     }
@@ -293,7 +300,8 @@ impl Partition {
                 .await
             {
                 Ok(wf) => {
-                    let run = Run::new(r, &wf, trace.unwrap_or_default());
+                    let trace = trace.unwrap_or_else(|| spans::fallback_trace(&r.run_id));
+                    let run = Run::new(r, &wf, trace);
                     self.runs.insert(r.run_id.clone(), (run, wf));
                 }
                 Err(error) => {
@@ -319,6 +327,11 @@ impl Partition {
             Err(reason) => return self.reject(message, &reason).await,
         };
         let run_id = event.run_id().to_owned();
+        if let Some(trace) = &trace {
+            let current = tracing::Span::current();
+            current.record("trace_id", trace.trace_id.as_str());
+            current.record("span_id", spans::run_span_id(&run_id).as_str());
+        }
         // Cancels caused by a concurrency key, stored before the run's own commands.
         let mut before = Vec::new();
         if !self.runs.contains_key(&run_id) {
@@ -330,7 +343,8 @@ impl Partition {
                 {
                     Ok(wf) => {
                         // The run continues the trace of its request; an invalid one starts a new trace.
-                        let mut run = Run::new(r, &wf, trace.unwrap_or_default());
+                        let trace = trace.unwrap_or_else(|| spans::fallback_trace(&run_id));
+                        let mut run = Run::new(r, &wf, trace);
                         match self.admit(&run, &wf).await {
                             Ok(Admit::Go) => {}
                             Ok(Admit::Later) => {
@@ -380,8 +394,15 @@ impl Partition {
         } else {
             None
         };
-        let trace = run.trace.clone();
-        let publishes = self.start_publishes(&commands, &trace).await;
+        // The run's first end exports its span (later ends of a reopened run would repeat it).
+        let export = (telemetry::enabled()
+            && commands
+                .iter()
+                .any(|c| matches!(c, RunEvent::Ended(_, e) if e.round == 1)))
+        .then(|| (subjects::run_all(self.p, &run_id), Arc::clone(wf)));
+        let context = spans::run_context(&run.trace, &run.id);
+        let publishes = self.start_publishes(&commands, &context).await;
+        let js = self.bus.js.clone();
         let slots = self.slots.clone();
         if ended {
             self.runs.remove(&run_id);
@@ -399,6 +420,9 @@ impl Partition {
                     }
                     if let Err(error) = message.ack().await {
                         tracing::debug!(%error, "ack failed; the event will be redelivered and is idempotent");
+                    }
+                    if let Some((filter, wf)) = export {
+                        export_spans(&js, filter, &wf).await;
                     }
                 }
                 Err(error) => {
@@ -487,8 +511,9 @@ impl Partition {
         Ok(())
     }
 
-    /// Publishes commands without waiting for their acks (the caller awaits them). Timers go out as
-    /// JetStream message schedules; a `workflow` step also starts its sub-run; a compensation that
+    /// Publishes commands without waiting for their acks (the caller awaits them), with `trace` (the
+    /// run's trace, its run span as parent). Timers go out as JetStream message schedules; a
+    /// `workflow` step also starts its sub-run (a child of the step's span); a compensation that
     /// failed for good is also recorded as a dead letter.
     async fn start_publishes(&self, commands: &[RunEvent], trace: &Trace) -> Vec<PublishResult> {
         let mut acks = Vec::with_capacity(commands.len() + 1);
@@ -500,7 +525,8 @@ impl Partition {
             match command {
                 RunEvent::StepRequested(r) if r.kind == "workflow" => {
                     let extra = self.start_sub_run(r).await;
-                    acks.push(self.publish(&extra, trace).await);
+                    let context = spans::attempt_context(trace, r, false);
+                    acks.push(self.publish(&extra, &context).await);
                 }
                 RunEvent::StepRequested(r) if r.kind == "wait" || r.kind == "approval" => {
                     acks.push(Ok(Pending::Future(self.put_wait(r, trace))));
@@ -526,7 +552,13 @@ impl Partition {
     }
 
     async fn publish(&self, command: &RunEvent, trace: &Trace) -> PublishResult {
-        let ce = command.to_cloudevent(SOURCE, trace);
+        let mut ce = command.to_cloudevent(SOURCE, trace);
+        if let RunEvent::StepRequested(r) = command {
+            let links = self.links(r);
+            if !links.is_empty() {
+                ce.set_extension(spans::LINKS_EXTENSION, links.join(","));
+            }
+        }
         let (mut headers, body) = binding::encode(&ce);
         let subject = command.subject(self.bus.partitions);
         if let RunEvent::TimerScheduled(timer) = command {
@@ -550,6 +582,28 @@ impl Partition {
             .await
             .map(Pending::Ack)
             .map_err(|e| e.to_string())
+    }
+
+    /// The spans of the attempts a step depended on (the last attempt of each of its `needs`), for
+    /// the span of its attempt to link to.
+    fn links(&self, r: &baton_core::event::StepRequested) -> Vec<String> {
+        let Some((run, wf)) = self.runs.get(&r.run_id) else {
+            return Vec::new();
+        };
+        spans::needs_links(&r.run_id, wf, &r.step, |need| {
+            let Some(s) = run.steps.iter().find(|s| s.id == need) else {
+                return Vec::new();
+            };
+            match s.item_count {
+                Some(_) => s
+                    .items
+                    .iter()
+                    .enumerate()
+                    .map(|(k, e)| (Some(k as u32), e.attempt))
+                    .collect(),
+                None => vec![(None, s.exec.attempt)],
+            }
+        })
     }
 
     /// Stores a `wait` step's entry, for the matcher.
@@ -647,12 +701,11 @@ impl Partition {
     }
 
     async fn publish_all(&self, run_id: &str, commands: &[RunEvent]) -> Result<(), String> {
-        let tp = self
-            .runs
-            .get(run_id)
-            .map(|(r, _)| r.trace.clone())
-            .unwrap_or_default();
-        await_all(self.start_publishes(commands, &tp).await).await
+        let context = match self.runs.get(run_id) {
+            Some((r, _)) => spans::run_context(&r.trace, run_id),
+            None => spans::run_context(&spans::fallback_trace(run_id), run_id),
+        };
+        await_all(self.start_publishes(commands, &context).await).await
     }
 
     async fn reject(&self, message: jetstream::Message, reason: &str) {
@@ -729,6 +782,22 @@ fn base64_json<T: serde::Serialize>(value: &T) -> String {
     base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(value).unwrap_or_default())
 }
 
+/// Exports the spans the coordinator owns for an ended run (the run span, and the attempts of the
+/// steps it executes itself), built from the run's journal. Best effort: a failure is logged.
+async fn export_spans(js: &jetstream::Context, filter: String, workflow: &Workflow) {
+    match read_journal(js, filter).await {
+        Ok(journal) => {
+            let entries: Vec<spans::Entry<'_>> = journal.iter().map(Journaled::entry).collect();
+            telemetry::export(
+                spans::from_journal(&entries, workflow)
+                    .into_iter()
+                    .filter(|s| s.origin == spans::Origin::Coordinator),
+            );
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the journal to export the run's span"),
+    }
+}
+
 /// A run event read back from the journal.
 #[derive(Debug, Clone)]
 pub struct Journaled {
@@ -738,6 +807,17 @@ pub struct Journaled {
     /// The event's trace context, if valid.
     pub trace: Option<Trace>,
     pub event: RunEvent,
+}
+
+impl Journaled {
+    /// The event as span building sees it.
+    pub fn entry(&self) -> spans::Entry<'_> {
+        spans::Entry {
+            time: self.time,
+            trace: self.trace.as_ref(),
+            event: &self.event,
+        }
+    }
 }
 
 /// Reads every run event on `filter` from the journal, oldest first, with its stream sequence.

@@ -344,6 +344,7 @@ impl Worker {
                         }
                         _ => Outcome::Completed,
                     };
+                    tracing::debug!(run = %request.run_id, step = %request.step, attempt = request.attempt, compensation, elapsed_ms, failed = matches!(outcome, Outcome::Failed(_)), "attempt done");
                     telemetry::export([spans::attempt_span(&spans::Attempt {
                         request: &request,
                         compensation,
