@@ -180,4 +180,16 @@ mod tests {
                 .is_empty()
         );
     }
+
+    /// Found by fuzzing: a fingerprint with a line break made an event id that panicked
+    /// `binding::encode` (a NATS header cannot hold one) when the gateway stored the event.
+    #[test]
+    fn a_fingerprint_with_a_line_break_is_stored() {
+        let body = br#"{"version":"4","alerts":[{"fingerprint":"a\nb","status":"firing","startsAt":"x"}]}"#;
+        let events = events(body).unwrap();
+        let (headers, payload) = baton_core::binding::encode(&events[0]);
+        let back = baton_core::binding::decode(Some(&headers), &payload).unwrap();
+        assert_eq!(back.id(), events[0].id());
+        assert_eq!(back.subject(), Some("a\nb"));
+    }
 }

@@ -52,7 +52,13 @@ const REPO: Source = Path("repository.url");
 
 /// One row of the adapter's table: event, type suffix, source, subject path, time paths (first
 /// non-null wins; none: the current time).
-type Mapping = (&'static str, Suffix, Source, Option<&'static str>, &'static [&'static str]);
+type Mapping = (
+    &'static str,
+    Suffix,
+    Source,
+    Option<&'static str>,
+    &'static [&'static str],
+);
 
 #[rustfmt::skip]
 const EVENTS: &[Mapping] = &[
@@ -152,7 +158,8 @@ pub fn verify(secret: &[u8], body: &[u8], header: Option<&str>) -> Result<(), Re
 }
 
 fn hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() != 64 || !text.is_ascii() {
+    // Hex digits only: `from_str_radix` alone would also take a sign (`+f`).
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())
@@ -292,6 +299,31 @@ mod tests {
                 StatusCode::UNAUTHORIZED
             );
         }
+    }
+
+    #[test]
+    fn a_signature_is_hex_digits_without_signs() {
+        // A body whose HMAC starts with a byte below 0x10, so its first two digits are `0x`.
+        let (body, digits) = (0..)
+            .map(|i: u32| {
+                let body = i.to_string();
+                let mut mac = Hmac::<Sha256>::new_from_slice(b"secret").unwrap();
+                mac.update(body.as_bytes());
+                let digits: String = mac
+                    .finalize()
+                    .into_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                (body, digits)
+            })
+            .find(|(_, digits)| digits.starts_with('0'))
+            .unwrap();
+        let header = format!("sha256={digits}");
+        verify(b"secret", body.as_bytes(), Some(&header)).unwrap();
+        // `u8::from_str_radix("+a", 16)` is 10: the same byte, but not the header GitHub sends.
+        let signed = format!("sha256=+{}", &digits[1..]);
+        assert!(verify(b"secret", body.as_bytes(), Some(&signed)).is_err());
     }
 
     #[test]

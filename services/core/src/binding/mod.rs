@@ -292,6 +292,13 @@ pub fn percent_decode(value: &str) -> Result<String, String> {
             let hex = bytes
                 .get(i + 1..i + 3)
                 .ok_or_else(|| format!("truncated percent-escape at byte {i}"))?;
+            // Two hex digits: `from_str_radix` alone would also take a sign (`%+A`).
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return Err(format!(
+                    "bad percent-escape %{} at byte {i}",
+                    String::from_utf8_lossy(hex)
+                ));
+            }
             let hex =
                 std::str::from_utf8(hex).map_err(|_| format!("bad percent-escape at byte {i}"))?;
             out.push(

@@ -2,7 +2,8 @@
 //!
 //! Output is binary content mode: the body is the event's data, and every attribute,
 //! `datacontenttype` and extensions included, is a lower-case `ce-<name>` header, percent-encoded.
-//! `Nats-Msg-Id` is the event id, so JetStream drops a republished event within its duplicate window.
+//! `Nats-Msg-Id` is the event id (percent-encoded if it holds a line break or a `%`), so JetStream
+//! drops a republished event within its duplicate window.
 //! Input is binary when a `ce-specversion` header is present (whatever `Content-Type` says; that is
 //! what other SDKs write), structured (the JSON event format) otherwise.
 
@@ -23,11 +24,22 @@ pub fn encode(event: &Event) -> (HeaderMap, Bytes) {
             percent_encode(&attribute_string(&value)).as_str(),
         );
     }
-    headers.insert("Nats-Msg-Id", event.id());
+    headers.insert("Nats-Msg-Id", message_id(event.id()).as_str());
     (
         headers,
         data_bytes(event).map(Bytes::from).unwrap_or_default(),
     )
+}
+
+/// The `Nats-Msg-Id` of an event id: the id itself, unless it holds a line break, which a NATS
+/// header cannot carry (async-nats panics on one), or a `%`: then the id percent-encoded, so two
+/// ids never share a message id.
+fn message_id(id: &str) -> String {
+    if id.contains(['\r', '\n', '%']) {
+        percent_encode(id)
+    } else {
+        id.to_owned()
+    }
 }
 
 /// Decodes a NATS message into a CloudEvent, with the default [`Limits`].

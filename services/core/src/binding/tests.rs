@@ -453,3 +453,48 @@ fn http_feature_requests() {
         Err(Error::NotCloudEvent(_))
     ));
 }
+
+/// Found by fuzzing the gateway: an id with a line break (`ce-id: a%0Ab`, or `"id": "a\nb"` in
+/// structured mode) was accepted, then `nats::encode` panicked putting it in `Nats-Msg-Id`.
+#[test]
+fn an_id_with_a_line_break_encodes_for_nats() {
+    let mut headers = ::http::HeaderMap::new();
+    for (name, value) in [
+        ("ce-specversion", "1.0"),
+        ("ce-id", "a%0D%0Ab"),
+        ("ce-source", "/s"),
+        ("ce-type", "t"),
+    ] {
+        headers.insert(name, value.parse().unwrap());
+    }
+    let binary = http::decode(&Limits::default(), &headers, b"")
+        .unwrap()
+        .remove(0);
+    let structured =
+        json::decode(br#"{"specversion":"1.0","id":"a\nb","source":"/s","type":"t"}"#).unwrap();
+    let literal =
+        json::decode(br#"{"specversion":"1.0","id":"a%0Ab","source":"/s","type":"t"}"#).unwrap();
+    let mut ids = Vec::new();
+    for event in [&binary, &structured, &literal] {
+        let (headers, body) = nats::encode(event);
+        let id = headers.get("Nats-Msg-Id").unwrap().as_str().to_owned();
+        assert!(!id.contains(['\r', '\n']), "{id:?}");
+        assert_eq!(
+            fingerprint(&nats::decode(Some(&headers), &body).unwrap()),
+            fingerprint(event)
+        );
+        ids.push(id);
+    }
+    assert_eq!(
+        ids,
+        ["a%0D%0Ab", "a%0Ab", "a%250Ab"],
+        "distinct ids, distinct message ids"
+    );
+}
+
+#[test]
+fn a_percent_escape_is_two_hex_digits_without_a_sign() {
+    for bad in ["%+A", "%+0", "%-1", "% 1"] {
+        assert!(percent_decode(bad).is_err(), "{bad}");
+    }
+}
