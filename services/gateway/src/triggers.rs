@@ -177,8 +177,10 @@ impl Triggers {
 
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
         let js = &self.bus.js;
-        let Some(stream) =
-            until_ok("get stream BATON_EVENTS", &shutdown, || js.get_stream(streams::EVENTS)).await
+        let Some(stream) = until_ok("get stream BATON_EVENTS", &shutdown, || {
+            js.get_stream(streams::EVENTS)
+        })
+        .await
         else {
             return Ok(());
         };

@@ -118,6 +118,23 @@ pub(crate) fn build(
         Value::String(s) => Ok(s.clone()),
         _ => Err(Error::attr(name, "must be a string")),
     };
+    // The CloudEvents type system: a String holds no control characters. Checked for the context
+    // attributes, which end up in ids, subjects and logs; extension values stay as sent (the
+    // conformance suite's own events carry a line break in one).
+    for (name, value) in &attributes {
+        if let Value::String(s) = value
+            && is_context_attribute(name)
+            && let Some(c) = s.chars().find(|c| c.is_control())
+        {
+            return Err(Error::attr(
+                name,
+                format!(
+                    "contains the control character U+{:04X}; CloudEvents strings may not (remove it, or percent-encode it inside the value)",
+                    c as u32
+                ),
+            ));
+        }
+    }
     let get = |name: &str| attributes.iter().find(|(n, _)| n == name).map(|(_, v)| v);
     match get("specversion") {
         Some(Value::String(v)) if v == "1.0" => {}
