@@ -14,6 +14,7 @@ mod saga;
 mod secrets;
 mod slice;
 mod step_services;
+mod tracing;
 mod waits;
 mod workflows;
 
