@@ -10,6 +10,7 @@ mod harness;
 mod history;
 mod interop;
 mod kinds;
+mod metrics;
 mod saga;
 mod secrets;
 mod slice;

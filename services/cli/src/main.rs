@@ -58,6 +58,56 @@ impl Nats {
     }
 }
 
+/// Prometheus metrics.
+#[derive(Args, Clone)]
+struct MetricsArgs {
+    /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9464.
+    #[arg(long = "metrics", env = "BATON_METRICS")]
+    addr: Option<SocketAddr>,
+}
+
+impl MetricsArgs {
+    /// Serves the metrics, with the lag of these consumers ((stream, durable)) refreshed every 5 s.
+    fn serve(
+        &self,
+        bus: &baton_core::Bus,
+        consumers: Vec<(String, String)>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Some(addr) = self.addr else {
+            return Ok(());
+        };
+        baton_core::metrics::serve(addr).map_err(anyhow::Error::msg)?;
+        baton_core::metrics::watch_consumers(
+            bus.js.clone(),
+            consumers,
+            Duration::from_secs(5),
+            shutdown.clone(),
+        );
+        Ok(())
+    }
+}
+
+/// The consumers of a coordinator, a runner of `kinds` and a gateway, for their lag metrics.
+fn consumers_of(partitions: u32, kinds: &[String], gateway: bool) -> Vec<(String, String)> {
+    use baton_core::streams::{EVENTS, RUNS};
+    let mut all: Vec<(String, String)> = (0..partitions)
+        .map(|p| (RUNS.to_owned(), format!("coordinator-{p}")))
+        .collect();
+    if partitions > 0 {
+        all.push((EVENTS.to_owned(), "waits".to_owned()));
+    }
+    all.extend(
+        kinds
+            .iter()
+            .map(|k| (RUNS.to_owned(), format!("runner-{k}"))),
+    );
+    if gateway {
+        all.push((EVENTS.to_owned(), "triggers".to_owned()));
+    }
+    all
+}
+
 /// The gateway's HTTP server.
 #[derive(Args, Clone)]
 struct HttpArgs {
@@ -165,6 +215,8 @@ enum Command {
         nats: Nats,
         #[command(flatten)]
         http: HttpArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
         /// Seconds without progress after which a step request goes to another runner.
         #[arg(long, default_value_t = 30)]
         runner_ack_wait: u64,
@@ -187,6 +239,8 @@ enum Command {
     Coordinator {
         #[command(flatten)]
         nats: Nats,
+        #[command(flatten)]
+        metrics: MetricsArgs,
         /// Seconds after which the partitions of a dead coordinator move to another instance.
         #[arg(long, default_value_t = 5)]
         takeover_after: u64,
@@ -195,6 +249,8 @@ enum Command {
     Runner {
         #[command(flatten)]
         nats: Nats,
+        #[command(flatten)]
+        metrics: MetricsArgs,
         /// Serve only these kinds (comma-separated, or repeat), e.g. `--kinds exec,http` for a
         /// runner on the machines that may run programs. Default: every built-in kind.
         #[arg(long, value_delimiter = ',', env = "BATON_RUNNER_KINDS")]
@@ -212,6 +268,8 @@ enum Command {
         nats: Nats,
         #[command(flatten)]
         http: HttpArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Print the path of a nats-server that Baton can use, installing the pinned one if needed.
     NatsServer,
@@ -407,6 +465,7 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
         Command::Serve {
             nats,
             http,
+            metrics,
             runner_ack_wait,
         } => {
             let _telemetry = telemetry::init_service(
@@ -416,6 +475,10 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             );
             let bus = nats.connect("baton").await?;
             let shutdown = baton_core::shutdown::on_signal();
+            let kinds: Vec<String> = baton_runner::kinds::builtin(bus.client.clone())
+                .into_keys()
+                .collect();
+            metrics.serve(&bus, consumers_of(bus.partitions, &kinds, true), &shutdown)?;
             run_services(
                 bus,
                 Some(http.options()),
@@ -427,6 +490,7 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
         }
         Command::Coordinator {
             nats,
+            metrics,
             takeover_after,
         } => {
             let _telemetry = telemetry::init_service(
@@ -440,6 +504,7 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 ..Default::default()
             };
             let shutdown = baton_core::shutdown::on_signal();
+            metrics.serve(&bus, consumers_of(bus.partitions, &[], false), &shutdown)?;
             baton_coordinator::Coordinator::new(bus, options)
                 .await?
                 .run(shutdown)
@@ -448,6 +513,7 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
         }
         Command::Runner {
             nats,
+            metrics,
             kinds: only,
             concurrency,
             ack_wait,
@@ -480,12 +546,18 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 }
                 kinds.retain(|kind, _| only.contains(kind));
             }
+            let served: Vec<String> = kinds.keys().cloned().collect();
+            metrics.serve(&bus, consumers_of(0, &served, false), &shutdown)?;
             baton_runner::Runner::new(bus, options, kinds)
                 .run(shutdown)
                 .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gateway { nats, http } => {
+        Command::Gateway {
+            nats,
+            http,
+            metrics,
+        } => {
             let _telemetry = telemetry::init_service(
                 format,
                 "info,async_nats=warn",
@@ -493,6 +565,7 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             );
             let bus = nats.connect("baton-gateway").await?;
             let shutdown = baton_core::shutdown::on_signal();
+            metrics.serve(&bus, consumers_of(0, &[], true), &shutdown)?;
             let options = baton_gateway::Options {
                 http: Some(http.options()),
             };

@@ -249,13 +249,19 @@ impl Partition {
                         self.runs.remove(&id);
                         continue;
                     }
-                    let commands = {
+                    let (commands, counts) = {
                         let (run, wf) = self.runs.get_mut(&id).expect("present");
-                        run.decide(wf, clock())
+                        let unstarted = run.steps.iter().all(|s| s.exec.attempt == 0);
+                        let commands = run.decide(wf, clock());
+                        let counts = Counts::of(run, unstarted, &commands);
+                        (commands, counts)
                     };
-                    if let Err(error) = self.publish_all(&id, &commands).await {
-                        tracing::warn!(run = %id, %error, "cannot issue commands after rebuild; will retry on the next event");
-                        self.runs.remove(&id);
+                    match self.publish_all(&id, &commands).await {
+                        Ok(()) => counts.record(),
+                        Err(error) => {
+                            tracing::warn!(run = %id, %error, "cannot issue commands after rebuild; will retry on the next event");
+                            self.runs.remove(&id);
+                        }
                     }
                 }
             }
@@ -314,6 +320,12 @@ impl Partition {
     }
 
     async fn handle(&mut self, message: jetstream::Message, evict: &mpsc::UnboundedSender<Evict>) {
+        // A queued run's request comes back by design; any other redelivery means a lost ack.
+        if message.info().is_ok_and(|i| i.delivered > 1)
+            && !message.subject.ends_with(".run.requested")
+        {
+            metrics::counter!(baton_core::metrics::REDELIVERIES, "consumer" => format!("coordinator-{}", self.p)).increment(1);
+        }
         let decoded = binding::decode(message.headers.as_ref(), &message.payload)
             .map_err(|e| e.to_string())
             .and_then(|ce| {
@@ -387,7 +399,9 @@ impl Partition {
             return;
         };
         let mut commands = before;
+        let unstarted = run.steps.iter().all(|s| s.exec.attempt == 0);
         commands.extend(run.handle(&event, wf, clock()));
+        let counts = Counts::of(run, unstarted, &commands);
         let ended = run.status.is_terminal();
         let release = if ended {
             slot_of(run, wf).and_then(Result::ok)
@@ -412,6 +426,7 @@ impl Partition {
         tokio::spawn(async move {
             match await_all(publishes).await {
                 Ok(()) => {
+                    counts.record();
                     if let Some(slot) = release
                         && let Err(error) = slots.release(&slot, &run_id).await
                     {
@@ -710,6 +725,43 @@ impl Partition {
 
     async fn reject(&self, message: jetstream::Message, reason: &str) {
         dlq::reject(&self.bus.js, "coordinator", &message, reason).await;
+    }
+}
+
+/// What a run's new commands count for in the metrics, recorded once they are stored.
+struct Counts {
+    workflow: String,
+    /// Its first step is requested now.
+    started: bool,
+    /// It ends now (for the first time).
+    ended: Option<Ending>,
+}
+
+impl Counts {
+    fn of(run: &Run, unstarted: bool, commands: &[RunEvent]) -> Counts {
+        Counts {
+            workflow: run.workflow.name.clone(),
+            started: unstarted
+                && commands
+                    .iter()
+                    .any(|c| matches!(c, RunEvent::StepRequested(_))),
+            ended: commands.iter().find_map(|c| match c {
+                RunEvent::Ended(ending, e) if e.round == 1 => Some(*ending),
+                _ => None,
+            }),
+        }
+    }
+
+    fn record(self) {
+        use baton_core::metrics::{RUNS_ENDED, RUNS_STARTED};
+        if self.started {
+            metrics::counter!(RUNS_STARTED, "workflow" => self.workflow.clone()).increment(1);
+        }
+        if let Some(ending) = self.ended {
+            let outcome = crate::saga::Status::Ended(ending).as_str();
+            metrics::counter!(RUNS_ENDED, "workflow" => self.workflow, "outcome" => outcome)
+                .increment(1);
+        }
     }
 }
 

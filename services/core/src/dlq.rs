@@ -109,6 +109,7 @@ impl DeadLetter {
 /// sequence), so that a redelivered original does not make a second dead letter.
 pub async fn publish(js: &jetstream::Context, id: &str, letter: &DeadLetter) -> Result<(), String> {
     tracing::warn!(origin = %letter.origin, subject = %letter.subject, reason = %letter.reason, "rejected a message to the dead-letter stream");
+    metrics::counter!(crate::metrics::DEAD_LETTERS, "origin" => letter.origin.clone()).increment(1);
     let trace = letter.trace();
     let mut builder = EventBuilderV10::new()
         .id(id)

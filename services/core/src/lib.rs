@@ -12,6 +12,7 @@ pub mod catalogue;
 pub mod connect;
 pub mod dlq;
 pub mod event;
+pub mod metrics;
 pub mod provision;
 pub mod registry;
 pub mod secrets;

@@ -70,6 +70,8 @@ async fn ready(State(g): State<Arc<Gateway>>) -> (StatusCode, &'static str) {
 
 impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
+        metrics::counter!(baton_core::metrics::EVENTS_REFUSED, "status" => self.status.as_u16().to_string())
+            .increment(1);
         let mut response =
             (self.status, axum::Json(json!({ "error": self.message }))).into_response();
         let headers = response.headers_mut();
@@ -327,6 +329,8 @@ impl Gateway {
         for s in &stored {
             tracing::info!(origin, id = %s.id, ty = %s.ty, duplicate = s.duplicate, "event accepted");
         }
+        metrics::counter!(baton_core::metrics::EVENTS_ACCEPTED, "origin" => origin.to_owned())
+            .increment(stored.len() as u64);
         Ok((
             StatusCode::ACCEPTED,
             axum::Json(json!({ "accepted": stored })),

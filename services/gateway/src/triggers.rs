@@ -292,8 +292,15 @@ impl Triggers {
             requests.push(request);
         }
         // Collected first: a lazy iterator held across the await would make the future not `Send`.
-        let requests: Vec<_> = requests.iter().map(|r| (r, &trace)).collect();
-        self.bus.store(SOURCE, requests).await
+        let stored: Vec<_> = requests.iter().map(|r| (r, &trace)).collect();
+        self.bus.store(SOURCE, stored).await?;
+        for r in &requests {
+            if let RunEvent::Requested(r) = r {
+                metrics::counter!(baton_core::metrics::RUNS_TRIGGERED, "workflow" => r.workflow.name.clone())
+                    .increment(1);
+            }
+        }
+        Ok(())
     }
 
     /// A trigger that cannot be evaluated for this event: the event goes to the dead-letter stream

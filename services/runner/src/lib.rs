@@ -265,6 +265,9 @@ impl Worker {
             links,
         } = job;
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        if delivered > 1 {
+            metrics::counter!(baton_core::metrics::REDELIVERIES, "consumer" => format!("runner-{}", request.kind)).increment(1);
+        }
         let attempt = Attempt {
             request: &request,
             compensation,
@@ -345,6 +348,13 @@ impl Worker {
                         _ => Outcome::Completed,
                     };
                     tracing::debug!(run = %request.run_id, step = %request.step, attempt = request.attempt, compensation, elapsed_ms, failed = matches!(outcome, Outcome::Failed(_)), "attempt done");
+                    let result = if matches!(outcome, Outcome::Failed(_)) {
+                        "failed"
+                    } else {
+                        "completed"
+                    };
+                    metrics::counter!(baton_core::metrics::STEPS, "kind" => request.kind.clone(), "outcome" => result, "compensation" => compensation.to_string()).increment(1);
+                    metrics::histogram!(baton_core::metrics::STEP_DURATION, "kind" => request.kind.clone()).record(elapsed_ms as f64 / 1000.0);
                     telemetry::export([spans::attempt_span(&spans::Attempt {
                         request: &request,
                         compensation,
