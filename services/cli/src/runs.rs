@@ -276,12 +276,25 @@ fn describe(event: &RunEvent) -> String {
 /// Prints a run as its journal tells it.
 pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
     let (run, events) = load(bus, run_id).await?;
+    let start = events
+        .first()
+        .map(|e| e.time)
+        .unwrap_or_else(chrono::Utc::now);
     println!("Run {run_id}");
     println!(
         "  workflow  {} v{}",
         run.workflow.name, run.workflow.version
     );
     println!("  status    {}", run.status.as_str());
+    println!(
+        "  started   {}{}",
+        start.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        match events.last() {
+            Some(last) if run.status.is_terminal() =>
+                format!(", ended {} later", offset(last.time - start)),
+            _ => String::new(),
+        }
+    );
     println!("  trace     {}", run.trace.trace_id);
     if let Some(trigger) = &run.trigger {
         println!(
@@ -300,7 +313,18 @@ pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
         } else {
             String::new()
         };
-        let mut line = match step.status {
+        // A step that failed for good is marked failed by the coordinator's next decision, which a
+        // journal replay does not make: its execution says so.
+        let gave_up = std::iter::once(&step.exec).chain(&step.items).any(|e| {
+            e.state == ExecState::FailedForGood
+                || (e.state == ExecState::Failed && run.status != Status::Running)
+        });
+        let status = if gave_up {
+            StepStatus::Failed
+        } else {
+            step.status
+        };
+        let mut line = match status {
             StepStatus::Pending => "pending".to_owned(),
             StepStatus::Running => format!("running{attempts}"),
             StepStatus::Completed => format!("completed{attempts}"),
@@ -317,6 +341,9 @@ pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
             _ => line.push_str("; undoing"),
         }
         println!("  {:<20} {line}", step.id);
+        for attempt in timeline(&events, &step.id, start) {
+            println!("      {attempt}");
+        }
     }
     match run.status {
         Status::Ended(Ending::Succeeded) => {
@@ -330,9 +357,73 @@ pub async fn show(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
     }
     println!("Events");
     for e in &events {
-        println!("  #{:<6} {}", e.seq, describe(&e.event));
+        println!(
+            "  #{:<6} {:>9} {}",
+            e.seq,
+            offset(e.time - start),
+            describe(&e.event)
+        );
     }
     Ok(())
+}
+
+/// `+1.234s` after the run's start.
+fn offset(d: chrono::TimeDelta) -> String {
+    format!("+{:.3}s", d.num_milliseconds() as f64 / 1000.0)
+}
+
+/// The timeline of a step: each attempt (and compensation attempt) with when it was requested,
+/// how long it took, and how it ended.
+fn timeline(events: &[Journaled], step: &str, start: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let (request, compensation) = match &e.event {
+            RunEvent::StepRequested(r) if r.step == step => (r, false),
+            RunEvent::CompensationRequested(r) if r.step == step => (r, true),
+            _ => continue,
+        };
+        let what = format!(
+            "{}{} {}",
+            if compensation {
+                "compensation"
+            } else {
+                "attempt"
+            },
+            event::item_label(request.item),
+            request.attempt
+        );
+        let outcome = events[i + 1..]
+            .iter()
+            .find_map(|o| match (&o.event, compensation) {
+                (RunEvent::StepCompleted(c), false)
+                | (RunEvent::CompensationCompleted(c), true)
+                    if c.step == step && c.item == request.item && c.attempt == request.attempt =>
+                {
+                    Some((o.time, format!("completed on {}", c.runner)))
+                }
+                (RunEvent::StepFailed(f), false) | (RunEvent::CompensationFailed(f), true)
+                    if f.step == step && f.item == request.item && f.attempt == request.attempt =>
+                {
+                    let code = f
+                        .error
+                        .code
+                        .as_deref()
+                        .map(|c| format!(" [{c}]"))
+                        .unwrap_or_default();
+                    Some((o.time, format!("failed{code}: {}", f.error.message)))
+                }
+                _ => None,
+            });
+        lines.push(match outcome {
+            Some((end, how)) => format!(
+                "{what:<16} {:>9}  {:>7} ms  {how}",
+                offset(e.time - start),
+                (end - e.time).num_milliseconds()
+            ),
+            None => format!("{what:<16} {:>9}  running", offset(e.time - start)),
+        });
+    }
+    lines
 }
 
 /// Decides an approval step that is waiting: publishes `dev.baton.approval.decided` on
