@@ -404,7 +404,11 @@ async fn grpc_collector() -> (String, Received) {
     ) -> axum::response::Response {
         // A gRPC message: a compression flag, a 4-byte length, the protobuf.
         let (flag, len) = (body[0], u32::from_be_bytes(body[1..5].try_into().unwrap()));
-        assert_eq!((flag, len as usize), (0, body.len() - 5), "one uncompressed message");
+        assert_eq!(
+            (flag, len as usize),
+            (0, body.len() - 5),
+            "one uncompressed message"
+        );
         let request = ExportTraceServiceRequest::decode(&body[5..]).unwrap();
         let mut store = store.lock().unwrap();
         for rs in request.resource_spans {
@@ -429,7 +433,9 @@ async fn grpc_collector() -> (String, Received) {
         ]);
         axum::response::Response::builder()
             .header(header::CONTENT_TYPE, "application/grpc")
-            .body(axum::body::Body::new(http_body_util::StreamBody::new(frames)))
+            .body(axum::body::Body::new(http_body_util::StreamBody::new(
+                frames,
+            )))
             .unwrap()
     }
     let store: Received = Default::default();
@@ -518,12 +524,21 @@ async fn spans_go_over_grpc_and_are_flushed_when_the_services_stop() {
     let mut coordinator = Service::start(&["coordinator", "--nats-url", &url], otel);
     let mut runner = Service::start(&["runner", "--nats-url", &url, "--kinds", "echo"], otel);
     let run_id = start_run(&bus, "hello-traced", version, serde_json::json!({})).await;
-    let log = || format!("coordinator:\n{}\nrunner:\n{}", coordinator.log(), runner.log());
+    let log = || {
+        format!(
+            "coordinator:\n{}\nrunner:\n{}",
+            coordinator.log(),
+            runner.log()
+        )
+    };
     let journal = wait_for_end(&bus, &run_id, Duration::from_secs(30), log).await;
     assert_eq!(ending(&journal), Some(Ending::Succeeded));
     // The coordinator reads the journal to build the run span once the end is stored.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(received.lock().unwrap().is_empty(), "nothing before the flush");
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "nothing before the flush"
+    );
 
     let stopped = tokio::task::spawn_blocking(move || {
         let statuses = (coordinator.terminate(), runner.terminate());
@@ -532,7 +547,10 @@ async fn spans_go_over_grpc_and_are_flushed_when_the_services_stop() {
     .await
     .unwrap();
     let ((c, r), coordinator_log, runner_log) = stopped;
-    assert!(c.success() && r.success(), "{coordinator_log}\n{runner_log}");
+    assert!(
+        c.success() && r.success(),
+        "{coordinator_log}\n{runner_log}"
+    );
     assert!(coordinator_log.contains("(grpc)"), "{coordinator_log}");
 
     let got = received.lock().unwrap().clone();
@@ -541,7 +559,9 @@ async fn spans_go_over_grpc_and_are_flushed_when_the_services_stop() {
     let find = |id: &str| {
         got.iter()
             .find(|(_, s)| hex(&s.span_id) == id)
-            .unwrap_or_else(|| panic!("span {id} missing: {got:#?}\n{coordinator_log}\n{runner_log}"))
+            .unwrap_or_else(|| {
+                panic!("span {id} missing: {got:#?}\n{coordinator_log}\n{runner_log}")
+            })
     };
     let (run_resource, run) = find(&run_span);
     let (runner_resource, step) = find(&attempt);
@@ -550,12 +570,13 @@ async fn spans_go_over_grpc_and_are_flushed_when_the_services_stop() {
     assert!(run.parent_span_id.is_empty(), "a root span");
     assert_eq!(step.trace_id, run.trace_id);
     assert_eq!(hex(&step.parent_span_id), run_span);
-    assert_eq!(hex(&run.trace_id), journal[0].trace.as_ref().unwrap().trace_id);
+    assert_eq!(
+        hex(&run.trace_id),
+        journal[0].trace.as_ref().unwrap().trace_id
+    );
     // OTEL_SERVICE_NAME names the service; the instance stays the process's.
     for resource in [run_resource, runner_resource] {
         assert_eq!(text(resource, "service.name").as_deref(), Some("my-baton"));
     }
-    assert!(
-        text(runner_resource, "service.instance.id").is_some_and(|i| i.starts_with("runner-"))
-    );
+    assert!(text(runner_resource, "service.instance.id").is_some_and(|i| i.starts_with("runner-")));
 }
