@@ -113,11 +113,17 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
     assert!(set.wait().unwrap().success());
 
     let version = apply(&bus, "deploy-with-secrets", WORKFLOW).await;
-    let coordinator = BatonProcess::start(&["coordinator", "--nats-url", &url]);
-    let runner = BatonProcess::start_with_env(
-        &["runner", "--nats-url", &url],
-        &[("BATON_SECRET_DEPLOY_KEY", KEY)],
-    );
+    // Spans go to a collector of the test's own, to be searched too.
+    let (endpoint, spans) = crate::tracing::collector().await;
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let coordinator = BatonProcess::start_with_env(&["coordinator", "--nats-url", &url], &otel);
+    let mut runner_env = otel.to_vec();
+    runner_env.push(("BATON_SECRET_DEPLOY_KEY", KEY));
+    let runner = BatonProcess::start_with_env(&["runner", "--nats-url", &url], &runner_env);
     let run = start_run(&bus, "deploy-with-secrets", version, json!({"url": peer})).await;
     let log = || {
         format!(
@@ -172,6 +178,35 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
     for (name, text) in [("coordinator", coordinator.log()), ("runner", runner.log())] {
         for secret in [TOKEN, KEY] {
             assert!(!text.contains(secret), "{secret} is in the {name} log");
+        }
+    }
+    // The run's spans: the run and its four attempts, none holding a value.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let received = spans.lock().unwrap().len();
+        if received >= 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {received} spans arrived\n{}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (resource, span) in spans.lock().unwrap().iter() {
+        use prost::Message;
+        let mut bytes = span.encode_to_vec();
+        for kv in resource {
+            bytes.extend(kv.encode_to_vec());
+        }
+        for secret in [TOKEN, KEY] {
+            assert!(
+                !contains(&bytes, secret),
+                "{secret} is in span {}",
+                span.name
+            );
         }
     }
     let (ok, listed, _) = baton_tests::baton_command(&["secrets", "list", "--nats-url", &url], &[]);

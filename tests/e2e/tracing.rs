@@ -54,7 +54,7 @@ const TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4736";
 const EVENT_SPAN: &str = "00f067aa0ba902b7";
 
 /// What the collector received: each span with its resource's attributes.
-type Received = Arc<Mutex<Vec<(Vec<KeyValue>, Span)>>>;
+pub(crate) type Received = Arc<Mutex<Vec<(Vec<KeyValue>, Span)>>>;
 
 async fn receive(
     State(store): State<Received>,
@@ -87,7 +87,7 @@ async fn receive(
 }
 
 /// An OTLP/HTTP endpoint on 127.0.0.1: its base URL and what it received.
-async fn collector() -> (String, Received) {
+pub(crate) async fn collector() -> (String, Received) {
     let store: Received = Default::default();
     let app = axum::Router::new()
         .route("/v1/traces", axum::routing::post(receive))
