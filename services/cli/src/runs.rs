@@ -138,6 +138,7 @@ pub async fn retry_compensation(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
     }
     let retry = CompensationRetryRequested {
         run_id: run_id.to_owned(),
+        round: run.round(),
     };
     publish(bus, &RunEvent::CompensationRetryRequested(retry)).await
 }

@@ -250,6 +250,11 @@ impl Run {
         self.decide(workflow, clock)
     }
 
+    /// Counts the run's ends: 1, then one more for each compensation retried by hand.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
     fn index(&self, step: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.id == step)
     }
@@ -294,8 +299,10 @@ impl Run {
                     self.abort = Some(format!("cancelled{why}"));
                 }
             }
-            RunEvent::CompensationRetryRequested(_) => {
-                if self.status == Status::Ended(Ending::CompensationFailed) {
+            RunEvent::CompensationRetryRequested(r) => {
+                if self.status == Status::Ended(Ending::CompensationFailed)
+                    && (r.round == 0 || r.round == self.round)
+                {
                     self.status = Status::Compensating;
                     self.round += 1;
                     for s in &mut self.steps {

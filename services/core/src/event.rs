@@ -371,6 +371,15 @@ pub struct CancelRequested {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CompensationRetryRequested {
     pub run_id: String,
+    /// The `compensation_failed` end this retries (its `round`), so a request delivered again
+    /// after that retry has ended reopens nothing. 0: the current end (requests written before
+    /// rounds were named).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub round: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// One event of a run's journal.
@@ -475,7 +484,10 @@ impl RunEvent {
         match self {
             RunEvent::Requested(e) => format!("{}.requested", e.run_id),
             RunEvent::CancelRequested(e) => format!("{}.cancel-requested", e.run_id),
-            // Each retry is a new request: the CLI names it by time.
+            // One request per failed end: asking twice is one retry.
+            RunEvent::CompensationRetryRequested(e) if e.round > 0 => {
+                format!("{}.compensation-retry.{}", e.run_id, e.round)
+            }
             RunEvent::CompensationRetryRequested(e) => {
                 format!("{}.compensation-retry.{}", e.run_id, new_run_id())
             }

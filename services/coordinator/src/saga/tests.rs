@@ -233,8 +233,12 @@ fn cancel(reason: &str) -> RunEvent {
     })
 }
 
-fn retry_compensation() -> RunEvent {
-    RunEvent::CompensationRetryRequested(CompensationRetryRequested { run_id: "r".into() })
+/// A request to retry the compensation that failed in end `round` of the run.
+fn retry_compensation(round: u32) -> RunEvent {
+    RunEvent::CompensationRetryRequested(CompensationRetryRequested {
+        run_id: "r".into(),
+        round,
+    })
 }
 
 /// A new run that folds `journal` in without deciding, as the coordinator does when it rebuilds.
@@ -649,8 +653,8 @@ fn a_compensation_that_keeps_failing_ends_the_run_and_can_be_retried_by_hand() {
     let req0 = request("r", &sim.wf, json!({}), None);
     let mut rebuilt = replay(&sim.wf, &req0, &sim.journal);
     assert_eq!(rebuilt.status, Status::Ended(Ending::CompensationFailed));
-    let from_journal = rebuilt.handle(&retry_compensation(), &sim.wf, clock());
-    let cmds = sim.send(retry_compensation());
+    let from_journal = rebuilt.handle(&retry_compensation(1), &sim.wf, clock());
+    let cmds = sim.send(retry_compensation(1));
     assert_eq!(cmds, from_journal);
     assert_eq!(
         shown(&cmds),
@@ -662,7 +666,7 @@ fn a_compensation_that_keeps_failing_ends_the_run_and_can_be_retried_by_hand() {
     );
     assert_eq!(sim.run.status, Status::Compensating);
     assert_eq!(
-        sim.send(retry_compensation()),
+        sim.send(retry_compensation(1)),
         [],
         "a second request while it runs changes nothing"
     );
@@ -679,7 +683,7 @@ fn a_compensation_that_keeps_failing_ends_the_run_and_can_be_retried_by_hand() {
         Some("step three failed after 2 attempt(s): three broke")
     );
     assert_eq!(
-        sim.send(retry_compensation()),
+        sim.send(retry_compensation(2)),
         [],
         "only a failed compensation is retried"
     );
@@ -695,12 +699,17 @@ fn a_compensation_retried_by_hand_gets_a_new_budget() {
         ["ended compensation-failed (round 1)"],
         "a permanent error is not retried"
     );
-    let cmds = sim.send(retry_compensation());
+    let cmds = sim.send(retry_compensation(1));
     let cmds = sim.send(err(&cmds[0], true));
     assert_eq!(shown(&cmds), ["timer cretry-two#3 +5s"]);
     let cmds = sim.send(fire(&cmds[0]));
     let cmds = sim.send(err(&cmds[0], true));
     assert_eq!(shown(&cmds), ["ended compensation-failed (round 2)"]);
+    assert_eq!(
+        sim.send(retry_compensation(1)),
+        [],
+        "the request for round 1, delivered again, does not retry round 2"
+    );
     let error = sim.run.error.clone().unwrap();
     assert!(
         error.starts_with("compensation of step two failed after 2 attempt(s)"),
@@ -1300,7 +1309,7 @@ fn simulate(
         let Some(event) = inbox.pop_front() else {
             if run.status == Status::Ended(Ending::CompensationFailed) && !retried {
                 retried = true;
-                inbox.push_back(retry_compensation());
+                inbox.push_back(retry_compensation(run.round()));
                 continue;
             }
             break;
