@@ -130,17 +130,9 @@ async fn outcomes_are_stored_with_the_requests_trace_and_deterministic_ids() {
     )
     .unwrap();
 
+    // A quick attempt is not announced (`step.started` comes only after 1 s): its outcome is next.
     let reserve = request(&run, "reserve", 1, json!({"sku": "a-1"}), false);
     bus.store("baton/test", [(&reserve, &trace)]).await.unwrap();
-    let (m, started) = next_event(&mut sub, "started").await;
-    assert_eq!(started.ty(), types::STEP_STARTED);
-    let data = event::event_data(&started).unwrap();
-    assert_eq!(
-        (data["runner"].clone(), data["delivered"].clone()),
-        (json!("inv-1"), json!(1))
-    );
-    assert!(m.subject.ends_with(&format!(".{run}.step.{KIND}.started")));
-
     let (m, done) = next_event(&mut sub, "completed").await;
     let id = format!("{run}.reserve.1.outcome");
     assert_eq!(done.id(), id);
