@@ -993,5 +993,8 @@ async fn builtin_registers_every_runner_kind() {
         .unwrap();
     let mut kinds: Vec<String> = kinds::builtin(client).into_keys().collect();
     kinds.sort();
-    assert_eq!(kinds, ["cloudevent", "echo", "emit", "exec", "http", "nats"]);
+    assert_eq!(
+        kinds,
+        ["cloudevent", "echo", "emit", "exec", "http", "nats"]
+    );
 }
