@@ -578,44 +578,14 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             by,
             comment,
             nats,
-        } => {
-            telemetry::init(format, "warn");
-            runs::decide(
-                &nats.connect("baton-cli").await?,
-                &id,
-                &step,
-                true,
-                by.clone(),
-                comment,
-            )
-            .await?;
-            println!(
-                "Approved step {step} of run {id} as {by}; follow it with `baton runs follow {id}`"
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => decide(format, nats, id, step, true, by, comment).await,
         Command::Reject {
             id,
             step,
             by,
             comment,
             nats,
-        } => {
-            telemetry::init(format, "warn");
-            runs::decide(
-                &nats.connect("baton-cli").await?,
-                &id,
-                &step,
-                false,
-                by.clone(),
-                comment,
-            )
-            .await?;
-            println!(
-                "Rejected step {step} of run {id} as {by}; follow it with `baton runs follow {id}`"
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => decide(format, nats, id, step, false, by, comment).await,
         Command::Send(send) => {
             telemetry::init(format, "warn");
             events::send(send).await?;
@@ -645,6 +615,24 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `baton approve` and `baton reject`.
+async fn decide(
+    format: LogFormat,
+    nats: Nats,
+    id: String,
+    step: String,
+    approved: bool,
+    by: String,
+    comment: String,
+) -> anyhow::Result<std::process::ExitCode> {
+    telemetry::init(format, "warn");
+    let bus = nats.connect("baton-cli").await?;
+    runs::decide(&bus, &id, &step, approved, by.clone(), comment).await?;
+    let verb = if approved { "Approved" } else { "Rejected" };
+    println!("{verb} step {step} of run {id} as {by}; follow it with `baton runs follow {id}`");
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -262,35 +262,8 @@ pub(crate) fn json_type(value: &Value) -> &'static str {
     }
 }
 
-/// `500ms`, `30s`, `5m`, `2h`, `1d`, and sums such as `1h30m`: the durations of workflow files.
-pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let n: u32 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total = total.checked_add(unit.checked_mul(n)?)?;
-    }
-    Some(total)
-}
+/// Durations are written as in workflow files: `500ms`, `30s`, `5m`, `1h30m`.
+pub(crate) use baton_workflow::parse_duration;
 
 /// The last `max_lines` lines of `text`, at most `max_bytes` long (cut at a character boundary).
 pub(crate) fn tail_lines(text: &str, max_lines: usize, max_bytes: usize) -> &str {
