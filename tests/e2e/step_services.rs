@@ -87,9 +87,9 @@ fn python_service(url: &str, state: &Path, log: &Path, extra: &[&str]) -> Servic
     Service::start(command, log)
 }
 
-/// The SDK's `payments` example: `BATON_PAYMENTS_BIN`, else `examples/payments` in the profile
-/// directory of this test (`cargo test --workspace` builds it; alone:
-/// `cargo build -p baton-sdk --example payments`).
+/// The SDK's example `payments` service: `BATON_PAYMENTS_BIN`, else `payments-example` in the
+/// profile directory of this test (`cargo test --workspace` builds it; alone:
+/// `cargo build -p baton-sdk --bin payments-example`).
 fn payments_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("BATON_PAYMENTS_BIN") {
         return bin.into();
@@ -99,10 +99,10 @@ fn payments_binary() -> PathBuf {
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("examples").join("payments");
+    let bin = profile_dir.join("payments-example");
     assert!(
         bin.is_file(),
-        "{} is missing: build it with `cargo build -p baton-sdk --example payments`",
+        "{} is missing: build it with `cargo build -p baton-sdk --bin payments-example`",
         bin.display()
     );
     bin

@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! baton dev                                            # in one terminal
-//! cargo run -p baton-sdk --example payments            # in another (NATS_URL, BATON_* apply)
+//! cargo run -p baton-sdk --bin payments-example       # in another (NATS_URL, BATON_* apply)
 //! baton run docs/examples/payments.yaml --input '{"order": "o-1", "balance": 250}'
 //! baton run docs/examples/payments.yaml --input '{"order": "o-2", "balance": 5000}'  # declined: the deposit is refunded
 //! ```
