@@ -8,29 +8,12 @@ use async_nats::jetstream::consumer;
 use baton_core::{Bus, binding, catalogue, event, streams};
 use baton_tests::{BatonProcess, NatsServer, baton_command, workspace_root};
 use cloudevents::AttributesReader;
-use futures::StreamExt;
 
 /// Reads every message of `stream`.
-async fn messages(bus: &Bus, stream: &str) -> Vec<async_nats::jetstream::Message> {
-    let stream = bus.js.get_stream(stream).await.unwrap();
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig::default())
+pub async fn messages(bus: &Bus, stream: &str) -> Vec<async_nats::jetstream::Message> {
+    streams::read(&bus.js, stream, consumer::pull::OrderedConfig::default())
         .await
-        .unwrap();
-    if consumer.info().await.unwrap().num_pending == 0 {
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    let mut messages = consumer.messages().await.unwrap();
-    while let Some(m) = messages.next().await {
-        let m = m.unwrap();
-        let pending = m.info().unwrap().pending;
-        out.push(m);
-        if pending == 0 {
-            break;
-        }
-    }
-    out
+        .unwrap()
 }
 
 /// Validates every event Baton published (source `baton/...`, in the journal and the dead letters)

@@ -6,14 +6,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
 use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::get;
 use baton_core::event::{Ending, RunEvent};
 use baton_core::streams;
 use baton_tests::{BatonProcess, NatsServer, baton_binary};
-use futures::StreamExt;
 use serde_json::json;
 
 use crate::saga::{apply, ending, start_run};
@@ -46,18 +44,8 @@ steps:
 
 /// Every byte of every message of a stream.
 async fn stream_bytes(bus: &baton_core::Bus, name: &str) -> Vec<u8> {
-    let stream = bus.js.get_stream(name).await.unwrap();
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
     let mut all = Vec::new();
-    if consumer.info().await.unwrap().num_pending == 0 {
-        return all;
-    }
-    let mut messages = consumer.messages().await.unwrap();
-    while let Some(m) = messages.next().await {
-        let m = m.unwrap();
+    for m in crate::catalogue::messages(bus, name).await {
         all.extend_from_slice(m.subject.as_bytes());
         for (name, values) in m.headers.iter().flat_map(|h| h.iter()) {
             all.extend_from_slice(AsRef::<str>::as_ref(name).as_bytes());
@@ -66,9 +54,6 @@ async fn stream_bytes(bus: &baton_core::Bus, name: &str) -> Vec<u8> {
             }
         }
         all.extend_from_slice(&m.payload);
-        if m.info().unwrap().pending == 0 {
-            break;
-        }
     }
     all
 }

@@ -58,6 +58,20 @@ impl Nats {
     }
 }
 
+/// A decision on an approval step.
+#[derive(Args)]
+struct Decision {
+    id: String,
+    step: String,
+    /// Who decides: must be one of the step's approvers when it names any.
+    #[arg(long, env = "USER")]
+    by: String,
+    #[arg(long, default_value = "")]
+    comment: String,
+    #[command(flatten)]
+    nats: Nats,
+}
+
 /// Prometheus metrics.
 #[derive(Args, Clone)]
 struct MetricsArgs {
@@ -179,29 +193,9 @@ enum Command {
         command: RunsCommand,
     },
     /// Approve an approval step that is waiting: the run goes on.
-    Approve {
-        id: String,
-        step: String,
-        /// Who approves: must be one of the step's approvers when it names any.
-        #[arg(long, env = "USER")]
-        by: String,
-        #[arg(long, default_value = "")]
-        comment: String,
-        #[command(flatten)]
-        nats: Nats,
-    },
+    Approve(Decision),
     /// Reject an approval step that is waiting: the step fails (error code `rejected`).
-    Reject {
-        id: String,
-        step: String,
-        /// Who rejects: must be one of the step's approvers when it names any.
-        #[arg(long, env = "USER")]
-        by: String,
-        #[arg(long, default_value = "")]
-        comment: String,
-        #[command(flatten)]
-        nats: Nats,
-    },
+    Reject(Decision),
     /// Publish a CloudEvent, given by flags or a JSON file, and wait until it is stored.
     Send(events::Send),
     /// Events as they pass.
@@ -572,20 +566,8 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             baton_gateway::run(bus, options, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Approve {
-            id,
-            step,
-            by,
-            comment,
-            nats,
-        } => decide(format, nats, id, step, true, by, comment).await,
-        Command::Reject {
-            id,
-            step,
-            by,
-            comment,
-            nats,
-        } => decide(format, nats, id, step, false, by, comment).await,
+        Command::Approve(d) => decide(format, d, true).await,
+        Command::Reject(d) => decide(format, d, false).await,
         Command::Send(send) => {
             telemetry::init(format, "warn");
             events::send(send).await?;
@@ -620,12 +602,14 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
 /// `baton approve` and `baton reject`.
 async fn decide(
     format: LogFormat,
-    nats: Nats,
-    id: String,
-    step: String,
+    Decision {
+        id,
+        step,
+        by,
+        comment,
+        nats,
+    }: Decision,
     approved: bool,
-    by: String,
-    comment: String,
 ) -> anyhow::Result<std::process::ExitCode> {
     telemetry::init(format, "warn");
     let bus = nats.connect("baton-cli").await?;

@@ -544,56 +544,51 @@ pub async fn list(
         },
         None => DeliverPolicy::All,
     };
-    let stream = bus.js.get_stream(baton_core::streams::RUNS).await?;
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subjects: filters,
-            deliver_policy,
-            ..Default::default()
-        })
-        .await?;
+    let config = consumer::pull::OrderedConfig {
+        filter_subjects: filters,
+        deliver_policy,
+        ..Default::default()
+    };
+    let messages = baton_core::streams::read(&bus.js, baton_core::streams::RUNS, config)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let mut rows: std::collections::HashMap<String, Row> = std::collections::HashMap::new();
-    if consumer.info().await?.num_pending > 0 {
-        let mut messages = consumer.messages().await?;
-        while let Some(message) = messages.next().await {
-            let message = message?;
-            let info = message.info().map_err(anyhow::Error::msg)?;
-            let (time, pending) = (
-                chrono::DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64),
-                info.pending,
-            );
-            if let Ok(ce) = binding::decode(message.headers.as_ref(), &message.payload)
-                && let Ok(event) = RunEvent::from_message(&message.subject, &ce)
-            {
-                match event {
-                    RunEvent::Requested(r) => {
-                        rows.entry(r.run_id).or_insert(Row {
-                            workflow: r.workflow.name,
-                            version: r.workflow.version,
-                            started: time,
-                            status: Status::Running,
-                            ended: None,
-                        });
-                    }
-                    RunEvent::Compensating(c) => {
-                        if let Some(row) = rows.get_mut(&c.run_id)
-                            && row.ended.is_none()
-                        {
-                            row.status = Status::Compensating;
-                        }
-                    }
-                    RunEvent::Ended(ending, e) => {
-                        if let Some(row) = rows.get_mut(&e.run_id) {
-                            row.status = Status::Ended(ending);
-                            row.ended = Some(time);
-                        }
-                    }
-                    _ => {}
+    for message in messages {
+        let info = message.info().map_err(anyhow::Error::msg)?;
+        let time =
+            chrono::DateTime::from_timestamp_nanos(info.published.unix_timestamp_nanos() as i64);
+        let Ok(event) = binding::decode(message.headers.as_ref(), &message.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|ce| {
+                RunEvent::from_message(&message.subject, &ce).map_err(|e| e.to_string())
+            })
+        else {
+            continue;
+        };
+        match event {
+            RunEvent::Requested(r) => {
+                rows.entry(r.run_id).or_insert(Row {
+                    workflow: r.workflow.name,
+                    version: r.workflow.version,
+                    started: time,
+                    status: Status::Running,
+                    ended: None,
+                });
+            }
+            RunEvent::Compensating(c) => {
+                if let Some(row) = rows.get_mut(&c.run_id)
+                    && row.ended.is_none()
+                {
+                    row.status = Status::Compensating;
                 }
             }
-            if pending == 0 {
-                break;
+            RunEvent::Ended(ending, e) => {
+                if let Some(row) = rows.get_mut(&e.run_id) {
+                    row.status = Status::Ended(ending);
+                    row.ended = Some(time);
+                }
             }
+            _ => {}
         }
     }
     let mut rows: Vec<(String, Row)> = rows
@@ -640,26 +635,20 @@ pub async fn events(bus: &Bus, run_id: &str) -> anyhow::Result<()> {
         bail!("{run_id:?} is not a run id: ids are letters, digits, `-` and `_`");
     }
     let p = subjects::partition(run_id, bus.partitions);
-    let stream = bus.js.get_stream(baton_core::streams::RUNS).await?;
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: subjects::run_all(p, run_id),
-            ..Default::default()
-        })
-        .await?;
-    if consumer.info().await?.num_pending == 0 {
+    let config = consumer::pull::OrderedConfig {
+        filter_subject: subjects::run_all(p, run_id),
+        ..Default::default()
+    };
+    let messages = baton_core::streams::read(&bus.js, baton_core::streams::RUNS, config)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if messages.is_empty() {
         bail!("no run with id {run_id}");
     }
-    let mut messages = consumer.messages().await?;
-    while let Some(message) = messages.next().await {
-        let message = message?;
-        let pending = message.info().map_err(anyhow::Error::msg)?.pending;
+    for message in messages {
         match binding::decode(message.headers.as_ref(), &message.payload) {
             Ok(ce) => println!("{}", String::from_utf8_lossy(&binding::json::encode(&ce))),
             Err(e) => eprintln!("(not a valid CloudEvent on {}: {e})", message.subject),
-        }
-        if pending == 0 {
-            break;
         }
     }
     Ok(())

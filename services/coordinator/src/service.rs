@@ -878,41 +878,27 @@ pub async fn read_journal(
     js: &jetstream::Context,
     filter: String,
 ) -> Result<Vec<Journaled>, Error> {
-    let stream = js
-        .get_stream(baton_core::streams::RUNS)
+    let config = consumer::pull::OrderedConfig {
+        filter_subject: filter,
+        ..Default::default()
+    };
+    let messages = baton_core::streams::read(js, baton_core::streams::RUNS, config)
         .await
-        .map_err(jserr)?;
-    let mut consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter,
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(jserr)?;
+        .map_err(Error::JetStream)?;
     let mut out = Vec::new();
-    if consumer.info().await.map_err(jserr)?.num_pending == 0 {
-        return Ok(out);
-    }
-    let mut messages = consumer.messages().await.map_err(jserr)?;
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(jserr)?;
+    for message in messages {
         let info = message.info().map_err(jserr)?;
-        let (seq, pending) = (info.stream_sequence, info.pending);
         if let Ok(ce) = binding::decode(message.headers.as_ref(), &message.payload)
             && let Ok(event) = RunEvent::from_message(&message.subject, &ce)
         {
             out.push(Journaled {
-                seq,
+                seq: info.stream_sequence,
                 time: chrono::DateTime::from_timestamp_nanos(
                     info.published.unix_timestamp_nanos() as i64
                 ),
                 trace: event::trace(&ce),
                 event,
             });
-        }
-        if pending == 0 {
-            break;
         }
     }
     Ok(out)

@@ -147,3 +147,38 @@ pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<u32,
     }
     Ok(partitions)
 }
+
+/// Every message of `stream` that an ordered consumer with `config` delivers, up to the last one
+/// stored when it was created: a snapshot, oldest first (the journal of a run, the runs of a period).
+pub async fn read(
+    js: &jetstream::Context,
+    stream: &str,
+    config: jetstream::consumer::pull::OrderedConfig,
+) -> Result<Vec<jetstream::Message>, String> {
+    use futures::StreamExt;
+    let stream = js.get_stream(stream).await.map_err(|e| e.to_string())?;
+    let mut consumer = stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    if consumer
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .num_pending
+        == 0
+    {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| e.to_string())?;
+        let pending = message.info().map_err(|e| e.to_string())?.pending;
+        out.push(message);
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}

@@ -677,14 +677,8 @@ impl<'s> Compiler<'s> {
             let ty = obj
                 .get("type")
                 .and_then(|n| self.event_type(n, &obj.path("type")));
-            let source = obj
-                .get("source")
-                .and_then(|n| self.string(n, &obj.path("source"), "`source`"))
-                .map(|s| Pattern(s.to_owned()));
-            let subject = obj
-                .get("subject")
-                .and_then(|n| self.string(n, &obj.path("subject"), "`subject`"))
-                .map(|s| Pattern(s.to_owned()));
+            let source = self.pattern(&obj, "source");
+            let subject = self.pattern(&obj, "subject");
             let event_scope = Scope {
                 step: None,
                 roots: &[],
@@ -768,6 +762,13 @@ impl<'s> Compiler<'s> {
             return None;
         }
         Some(Some(flow))
+    }
+
+    /// A glob on a CloudEvent attribute (`source`, `subject`), if given.
+    fn pattern(&mut self, obj: &Obj<'_>, key: &str) -> Option<Pattern> {
+        let node = obj.get(key)?;
+        self.string(node, &obj.path(key), &format!("`{key}`"))
+            .map(|s| Pattern(s.to_owned()))
     }
 
     fn event_type(&mut self, node: &Node, at: &str) -> Option<String> {
@@ -1376,14 +1377,8 @@ impl<'s> Compiler<'s> {
                 let event = obj
                     .get("event")
                     .and_then(|n| self.event_type(n, &obj.path("event")));
-                let source = obj
-                    .get("source")
-                    .and_then(|n| self.string(n, &obj.path("source"), "`source`"))
-                    .map(|s| Pattern(s.to_owned()));
-                let subject = obj
-                    .get("subject")
-                    .and_then(|n| self.string(n, &obj.path("subject"), "`subject`"))
-                    .map(|s| Pattern(s.to_owned()));
+                let source = self.pattern(&obj, "source");
+                let subject = self.pattern(&obj, "subject");
                 let key = obj
                     .get("key")
                     .map(|n| self.template(n, &obj.path("key"), scope));
