@@ -6,6 +6,7 @@ mod cli;
 mod concurrency;
 mod effects;
 mod gateway;
+mod guarantees;
 mod harness;
 mod history;
 mod interop;

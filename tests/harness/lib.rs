@@ -94,6 +94,40 @@ impl NatsServer {
         server
     }
 
+    /// A single node on a free port that reads `config` (nats-server configuration text) on top
+    /// of the harness's flags; [`reload`](Self::reload) changes it while the server runs.
+    pub fn with_config(config: &str) -> NatsServer {
+        let mut server = NatsServer::new("single".into(), free_port(), Vec::new());
+        let file = server.store.path().join("server.conf");
+        std::fs::write(&file, server.config_text(config)).expect("write the server config");
+        server
+            .args
+            .extend(["-c".into(), file.display().to_string()]);
+        server.spawn();
+        server
+    }
+
+    /// A reload refuses a config whose server name differs from the flags' (`-n`).
+    fn config_text(&self, config: &str) -> String {
+        format!("server_name: {}\n{config}", self.name)
+    }
+
+    /// Rewrites the configuration and has the running server reload it (SIGHUP); returns once
+    /// the server logged the reload.
+    pub fn reload(&mut self, config: &str) {
+        let text = self.config_text(config);
+        std::fs::write(self.store.path().join("server.conf"), text).expect("write the config");
+        let reloads = |s: &NatsServer| s.log().matches("Reloaded server configuration").count();
+        let before = reloads(self);
+        let child = self.child.as_ref().expect("the server runs");
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).expect("SIGHUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloads(self) == before {
+            assert!(Instant::now() < deadline, "no reload:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn new(name: String, port: u16, extra: Vec<String>) -> NatsServer {
         let store = tempfile::Builder::new()
             .prefix("baton-nats-")

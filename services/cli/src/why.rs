@@ -325,10 +325,8 @@ async fn queued(bus: &Bus, run: &Run, workflow: &Workflow) -> anyhow::Result<Str
     let (Some(c), Some(Ok(slot))) = (&workflow.concurrency, slot_of(run, workflow)) else {
         return Ok(not_handled);
     };
-    let slots = Slots::open(&bus.js, bus.partitions)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let holders = slots.holders(&slot).await.map_err(anyhow::Error::msg)?;
+    let slots = Slots::open(&bus.js, bus.partitions).await?;
+    let holders = slots.holders(&slot).await?;
     if holders.contains(&run.id) || holders.len() < c.limit as usize {
         return Ok(not_handled);
     }

@@ -8,7 +8,7 @@
 //! ended are dropped from it.
 
 use async_nats::jetstream::{self, kv};
-use baton_core::{streams, subjects};
+use baton_core::{Error, streams, subjects};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -34,15 +34,15 @@ pub struct Slots {
 }
 
 impl Slots {
-    pub async fn open(js: &jetstream::Context, partitions: u32) -> Result<Slots, String> {
+    pub async fn open(js: &jetstream::Context, partitions: u32) -> Result<Slots, Error> {
         let kv = js
             .get_key_value(streams::CONCURRENCY_BUCKET)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::request("cannot open the concurrency bucket", &e))?;
         let runs = js
             .get_stream(streams::RUNS)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::request("cannot get stream BATON_RUNS", &e))?;
         Ok(Slots {
             kv,
             runs,
@@ -58,8 +58,11 @@ impl Slots {
 
     /// The runs holding a slot of `slot`, oldest first, as the bucket says (ended runs may linger
     /// until the next admission cleans them up).
-    pub async fn holders(&self, slot: &str) -> Result<Vec<String>, String> {
-        let entry = self.kv.get(slot).await.map_err(|e| e.to_string())?;
+    pub async fn holders(&self, slot: &str) -> Result<Vec<String>, Error> {
+        let entry =
+            self.kv.get(slot).await.map_err(|e| {
+                Error::request(format_args!("cannot read concurrency key {slot}"), &e)
+            })?;
         Ok(entry
             .and_then(|v| serde_json::from_slice::<Entry>(&v).ok())
             .map(|e| e.active)
@@ -74,7 +77,7 @@ impl Slots {
         run_id: &str,
         limit: u32,
         force: bool,
-    ) -> Result<Admission, String> {
+    ) -> Result<Admission, Error> {
         loop {
             let (mut entry, revision) = self.read(slot).await?;
             if entry.active.iter().any(|r| r == run_id) {
@@ -106,7 +109,7 @@ impl Slots {
     }
 
     /// Gives the slot of an ended run back.
-    pub async fn release(&self, slot: &str, run_id: &str) -> Result<(), String> {
+    pub async fn release(&self, slot: &str, run_id: &str) -> Result<(), Error> {
         loop {
             let (mut entry, revision) = self.read(slot).await?;
             if !entry.active.iter().any(|r| r == run_id) {
@@ -120,12 +123,16 @@ impl Slots {
     }
 
     /// Whether `run_id` holds a slot of `slot`.
-    pub async fn holds(&self, slot: &str, run_id: &str) -> Result<bool, String> {
+    pub async fn holds(&self, slot: &str, run_id: &str) -> Result<bool, Error> {
         Ok(self.read(slot).await?.0.active.iter().any(|r| r == run_id))
     }
 
-    async fn read(&self, slot: &str) -> Result<(Entry, u64), String> {
-        match self.kv.entry(slot).await.map_err(|e| e.to_string())? {
+    async fn read(&self, slot: &str) -> Result<(Entry, u64), Error> {
+        let entry =
+            self.kv.entry(slot).await.map_err(|e| {
+                Error::request(format_args!("cannot read concurrency key {slot}"), &e)
+            })?;
+        match entry {
             Some(e) if e.operation == kv::Operation::Put => Ok((
                 serde_json::from_slice(&e.value).unwrap_or_default(),
                 e.revision,
@@ -136,32 +143,26 @@ impl Slots {
     }
 
     /// Compare-and-set; `false` when the entry changed since `revision`.
-    async fn write(&self, slot: &str, entry: &Entry, revision: u64) -> Result<bool, String> {
+    async fn write(&self, slot: &str, entry: &Entry, revision: u64) -> Result<bool, Error> {
         let bytes = serde_json::to_vec(entry).expect("an entry serializes");
-        let written = if revision == 0 {
-            self.kv
-                .create(slot, bytes.into())
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        } else {
-            self.kv
-                .update(slot, bytes.into(), revision)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        };
-        match written {
-            Ok(()) => Ok(true),
-            Err(e) if e.contains("wrong last sequence") || e.contains("already exists") => {
-                Ok(false)
+        let what = || format!("cannot write concurrency key {slot}");
+        if revision == 0 {
+            match self.kv.create(slot, bytes.into()).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(Error::request(what(), &e)),
             }
-            Err(e) => Err(e),
+        } else {
+            match self.kv.update(slot, bytes.into(), revision).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(e) => Err(Error::request(what(), &e)),
+            }
         }
     }
 
     /// Whether the journal holds an end of the run: its last `run.*` event is an end.
-    async fn has_ended(&self, run_id: &str) -> Result<bool, String> {
+    async fn has_ended(&self, run_id: &str) -> Result<bool, Error> {
         let p = subjects::partition(run_id, self.partitions);
         let last = self
             .runs
@@ -177,7 +178,10 @@ impl Slots {
             }
             // Unknown (say, during a leader election): the caller tries again rather than free
             // the slot of a run that may be alive.
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(Error::request(
+                format_args!("cannot look up the end of run {run_id}"),
+                &e,
+            )),
         }
     }
 }

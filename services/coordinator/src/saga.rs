@@ -806,6 +806,15 @@ impl Run {
                     })
                 }
             };
+            let size = baton_core::event::json_size(&input);
+            if size > baton_core::event::MAX_INPUT_BYTES {
+                return Err(fail(format!(
+                    "step {}: its input is {size} bytes, more than the {} a step request may \
+                     carry; pass a reference to large data (a URL, an object key), not the data",
+                    spec.id,
+                    baton_core::event::MAX_INPUT_BYTES
+                )));
+            }
             let key = match item {
                 Some(n) => format!("{}/{}/{n}", self.id, spec.id),
                 None => format!("{}/{}", self.id, spec.id),
@@ -1013,7 +1022,19 @@ impl Run {
                 ExecState::Completed => continue,
                 ExecState::Pending | ExecState::RetryDue => {
                     let context = to_val(&self.context());
-                    let input = match comp.with.eval(&context) {
+                    let limit = baton_core::event::MAX_INPUT_BYTES;
+                    let input = comp
+                        .with
+                        .eval(&context)
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| match baton_core::event::json_size(&v) {
+                            size if size > limit => Err(format!(
+                                "is {size} bytes, more than the {limit} a request may carry; \
+                                 pass a reference to large data, not the data"
+                            )),
+                            _ => Ok(v),
+                        });
+                    let input = match input {
                         Ok(v) => v,
                         Err(e) => {
                             let failed = StepError {

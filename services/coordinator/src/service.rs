@@ -15,6 +15,7 @@ use baton_core::dlq::DeadLetter;
 use baton_core::event::{
     self, Ending, Parent, RunEvent, RunRequested, StepError, StepFailed, WorkflowRef,
 };
+use baton_core::runs::{self, Claim};
 use baton_core::shutdown::{CancellationToken, until_ok};
 use baton_core::trace::Trace;
 use baton_core::{Bus, binding, dlq, spans, subjects, telemetry};
@@ -60,25 +61,26 @@ pub struct Coordinator {
     workflows: Workflows,
     slots: Slots,
     waits: kv::Store,
+    index: runs::Index,
 }
 
 impl Coordinator {
     pub async fn new(bus: Bus, options: Options) -> Result<Coordinator, Error> {
         let registry = baton_core::registry::Registry::open(&bus.js).await?;
-        let slots = Slots::open(&bus.js, bus.partitions)
-            .await
-            .map_err(Error::JetStream)?;
+        let slots = Slots::open(&bus.js, bus.partitions).await?;
         let waits = bus
             .js
             .get_key_value(baton_core::streams::WAITS_BUCKET)
             .await
             .map_err(jserr)?;
+        let index = runs::Index::open(&bus.js).await?;
         Ok(Coordinator {
             bus,
             options,
             workflows: Workflows::new(registry),
             slots,
             waits,
+            index,
         })
     }
 
@@ -122,6 +124,8 @@ impl Coordinator {
                 pin: None,
                 instance: self.options.instance.clone(),
                 waits: self.waits.clone(),
+                index: self.index.clone(),
+                requests: HashMap::new(),
             };
             tasks.push(tokio::spawn(partition.run(
                 consumer,
@@ -170,6 +174,8 @@ pub enum Error {
     JetStream(String),
     #[error(transparent)]
     Registry(#[from] baton_core::registry::Error),
+    #[error(transparent)]
+    Core(#[from] baton_core::Error),
     #[error("a partition task panicked: {0}")]
     Task(String),
 }
@@ -189,6 +195,10 @@ struct Partition {
     instance: String,
     /// The `baton-waits` bucket: where `wait` steps wait for their event.
     waits: kv::Store,
+    /// The run index: a run id is claimed once, so a late duplicate request starts nothing.
+    index: runs::Index,
+    /// While folding: the stream sequence of each run's first request.
+    requests: HashMap<String, u64>,
 }
 
 /// A run whose commands could not be stored: forget it, so it is rebuilt from the journal.
@@ -279,12 +289,34 @@ impl Partition {
     /// Replays the partition's journal into `runs`, keeping only runs that have not ended.
     async fn rebuild(&mut self) -> Result<(), Error> {
         self.runs.clear();
+        self.requests.clear();
         let events = read_journal(&self.bus.js, subjects::partition_all(self.p)).await?;
         let count = events.len();
         for e in events {
-            self.fold(e).await;
+            self.fold(e).await?;
         }
         self.runs.retain(|_, (run, _)| !run.status.is_terminal());
+        // A run that has not started yet is started by this owner: it claims its id first, like a
+        // request handled live, so that a later re-send of the request starts nothing.
+        let unstarted: Vec<(String, runs::Entry)> = self
+            .runs
+            .iter()
+            .filter(|(_, (run, _))| run.steps.iter().all(|s| s.exec.attempt == 0))
+            .filter_map(|(id, (run, _))| {
+                let seq = *self.requests.get(id)?;
+                Some((
+                    id.clone(),
+                    index_entry(&run.workflow, run.parent.as_ref(), seq),
+                ))
+            })
+            .collect();
+        for (id, entry) in unstarted {
+            if let Claim::Taken(first) = self.index.claim(&id, &entry).await? {
+                tracing::info!(run = %id, first_request = first.request, "the run was started by another request; this one starts nothing");
+                self.runs.remove(&id);
+            }
+        }
+        self.requests.clear();
         tracing::info!(
             partition = self.p,
             events = count,
@@ -294,11 +326,18 @@ impl Partition {
         Ok(())
     }
 
-    /// Folds a journal event into `runs` without deciding anything.
-    async fn fold(&mut self, Journaled { event, trace, .. }: Journaled) {
+    /// Folds a journal event into `runs` without deciding anything. A workflow the registry cannot
+    /// serve right now fails the fold (it is retried); one that is gone for good leaves its run
+    /// out, with a warning.
+    async fn fold(
+        &mut self,
+        Journaled {
+            event, trace, seq, ..
+        }: Journaled,
+    ) -> Result<(), Error> {
         if let RunEvent::Requested(r) = &event {
             if self.runs.contains_key(&r.run_id) {
-                return;
+                return Ok(());
             }
             match self
                 .workflows
@@ -309,7 +348,9 @@ impl Partition {
                     let trace = trace.unwrap_or_else(|| spans::fallback_trace(&r.run_id));
                     let run = Run::new(r, &wf, trace);
                     self.runs.insert(r.run_id.clone(), (run, wf));
+                    self.requests.insert(r.run_id.clone(), seq);
                 }
+                Err(error) if error.is_transient() => return Err(error.into()),
                 Err(error) => {
                     tracing::warn!(run = %r.run_id, %error, "cannot load the run's workflow")
                 }
@@ -317,6 +358,7 @@ impl Partition {
         } else if let Some((run, _)) = self.runs.get_mut(event.run_id()) {
             run.apply(&event);
         }
+        Ok(())
     }
 
     async fn handle(&mut self, message: jetstream::Message, evict: &mpsc::UnboundedSender<Evict>) {
@@ -344,6 +386,13 @@ impl Partition {
             current.record("trace_id", trace.trace_id.as_str());
             current.record("span_id", spans::run_span_id(&run_id).as_str());
         }
+        // A request for a run this owner holds: its own request delivered again, or a duplicate.
+        if let RunEvent::Requested(r) = &event
+            && self.runs.contains_key(&run_id)
+            && !self.claim(&message, r).await
+        {
+            return;
+        }
         // Cancels caused by a concurrency key, stored before the run's own commands.
         let mut before = Vec::new();
         if !self.runs.contains_key(&run_id) {
@@ -354,6 +403,9 @@ impl Partition {
                     .await
                 {
                     Ok(wf) => {
+                        if !self.claim(&message, r).await {
+                            return;
+                        }
                         // The run continues the trace of its request; an invalid one starts a new trace.
                         let trace = trace.unwrap_or_else(|| spans::fallback_trace(&run_id));
                         let mut run = Run::new(r, &wf, trace);
@@ -379,7 +431,10 @@ impl Partition {
                         }
                         self.runs.insert(run_id.clone(), (run, wf));
                     }
-                    Err(reason) => return self.reject(message, &reason).await,
+                    Err(error) if error.is_transient() => {
+                        return retry_later(message, &run_id, &error).await;
+                    }
+                    Err(error) => return self.reject(message, error.message()).await,
                 },
                 // Not in memory: ended (and forgotten) or evicted after a failed publish.
                 _ => {
@@ -440,15 +495,59 @@ impl Partition {
                         export_spans(&js, filter, &wf).await;
                     }
                 }
-                Err(error) => {
+                Err(error) if error.is_transient() => {
                     tracing::warn!(run = %run_id, %error, "cannot store commands; rebuilding the run");
+                    metrics::counter!(baton_core::metrics::TRANSIENT_FAILURES, "service" => "coordinator")
+                        .increment(1);
                     let _ = evict.send(run_id);
                     let _ = message
                         .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
                         .await;
                 }
+                // No retry can store them (say, a message over max_payload): the event that
+                // caused them goes to the dead-letter stream once, with the reason, instead of
+                // looping. The run is rebuilt from the journal for its next event.
+                Err(error) => {
+                    let _ = evict.send(run_id.clone());
+                    let reason = format!("the commands of run {run_id} cannot be stored: {error}");
+                    dlq::reject(&js, "coordinator", &message, &reason).await;
+                }
             }
         });
+    }
+
+    /// Claims the run id of a new run's request in the run index. False when the message has been
+    /// answered: a duplicate of a request that already started the run (acked, changing nothing),
+    /// or an index that cannot be written now (retried later).
+    async fn claim(&self, message: &jetstream::Message, r: &RunRequested) -> bool {
+        let Ok(info) = message.info() else {
+            return true;
+        };
+        let claim = self
+            .index
+            .claim(
+                &r.run_id,
+                &index_entry(&r.workflow, r.parent.as_ref(), info.stream_sequence),
+            )
+            .await;
+        match claim {
+            Ok(Claim::New | Claim::Again) => true,
+            Ok(Claim::Taken(first)) => {
+                tracing::info!(
+                    run = %r.run_id,
+                    request = info.stream_sequence,
+                    first_request = first.request,
+                    "the run already exists; a duplicate request starts nothing"
+                );
+                metrics::counter!(baton_core::metrics::DUPLICATE_REQUESTS).increment(1);
+                let _ = message.ack().await;
+                false
+            }
+            Err(error) => {
+                retry_later(message.clone(), &r.run_id, &error).await;
+                false
+            }
+        }
     }
 
     /// Whether a run may go on after a rebuild: it has no concurrency key, has started, or holds its
@@ -466,7 +565,7 @@ impl Partition {
     }
 
     /// Applies the workflow's concurrency key to a new run.
-    async fn admit(&self, run: &Run, wf: &Workflow) -> Result<Admit, String> {
+    async fn admit(&self, run: &Run, wf: &Workflow) -> Result<Admit, baton_core::Error> {
         let (Some(c), Some(slot)) = (&wf.concurrency, slot_of(run, wf)) else {
             return Ok(Admit::Go);
         };
@@ -519,8 +618,9 @@ impl Partition {
     async fn load_run(&mut self, run_id: &str) -> Result<(), Error> {
         let events = read_journal(&self.bus.js, subjects::run_all(self.p, run_id)).await?;
         for e in events {
-            self.fold(e).await;
+            self.fold(e).await?;
         }
+        self.requests.clear();
         // An ended run stays loaded for this event (a compensation retry reopens it); `handle`
         // forgets it again once the event is handled.
         Ok(())
@@ -539,9 +639,14 @@ impl Partition {
             }
             match command {
                 RunEvent::StepRequested(r) if r.kind == "workflow" => {
-                    let extra = self.start_sub_run(r).await;
-                    let context = spans::attempt_context(trace, r, false);
-                    acks.push(self.publish(&extra, &context).await);
+                    match self.start_sub_run(r).await {
+                        Ok(extra) => {
+                            let context = spans::attempt_context(trace, r, false);
+                            acks.push(self.publish(&extra, &context).await);
+                        }
+                        // The registry cannot say which version to run now: the event comes back.
+                        Err(error) => acks.push(Err(error)),
+                    }
                 }
                 RunEvent::StepRequested(r) if r.kind == "wait" || r.kind == "approval" => {
                     acks.push(Ok(Pending::Future(self.put_wait(r, trace))));
@@ -596,7 +701,7 @@ impl Partition {
             .publish_with_headers(subject, headers, body)
             .await
             .map(Pending::Ack)
-            .map_err(|e| e.to_string())
+            .map_err(|e| baton_core::Error::publish(&e))
     }
 
     /// The spans of the attempts a step depended on (the last attempt of each of its `needs`), for
@@ -626,20 +731,24 @@ impl Partition {
         &self,
         r: &baton_core::event::StepRequested,
         trace: &Trace,
-    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+    ) -> futures::future::BoxFuture<'static, Result<(), baton_core::Error>> {
         let workflow = match self.runs.get(&r.run_id) {
             Some((run, _)) => run.workflow.clone(),
-            None => return Box::pin(async { Err("the run is not loaded".to_owned()) }),
+            None => {
+                return Box::pin(async {
+                    Err(baton_core::Error::transient("the run is not loaded"))
+                });
+            }
         };
         let entry = crate::waits::WaitEntry::new(r, workflow, self.bus.partitions, trace);
         let waits = self.waits.clone();
         Box::pin(async move {
-            let value = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+            let value = serde_json::to_vec(&entry).expect("a wait entry serializes");
             waits
                 .put(entry.kv_key(), value.into())
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(|e| baton_core::Error::request("cannot store the wait entry", &e))
         })
     }
 
@@ -677,8 +786,11 @@ impl Partition {
     }
 
     /// The `run.requested` of a `workflow` step's sub-run, or the step's failure when the workflow
-    /// to call is not in the registry.
-    async fn start_sub_run(&self, step: &baton_core::event::StepRequested) -> RunEvent {
+    /// to call is not in the registry; an error when the registry cannot be read now.
+    async fn start_sub_run(
+        &self,
+        step: &baton_core::event::StepRequested,
+    ) -> Result<RunEvent, baton_core::Error> {
         let name = step.input["workflow"]
             .as_str()
             .unwrap_or_default()
@@ -687,7 +799,8 @@ impl Partition {
             Some(v) => Ok(v),
             None => self.workflows.head_version(&name).await,
         };
-        match version {
+        Ok(match version {
+            Err(error) if error.is_transient() => return Err(error),
             Ok(version) => RunEvent::Requested(RunRequested {
                 run_id: event::child_run_id(&step.run_id, &step.step, step.attempt),
                 workflow: WorkflowRef { name, version },
@@ -706,16 +819,20 @@ impl Partition {
                 kind: step.kind.clone(),
                 attempt: step.attempt,
                 error: StepError {
-                    message: reason,
+                    message: reason.to_string(),
                     retryable: false,
                     code: Some("workflow-not-found".into()),
                 },
                 runner: "coordinator".into(),
             }),
-        }
+        })
     }
 
-    async fn publish_all(&self, run_id: &str, commands: &[RunEvent]) -> Result<(), String> {
+    async fn publish_all(
+        &self,
+        run_id: &str,
+        commands: &[RunEvent],
+    ) -> Result<(), baton_core::Error> {
         let context = match self.runs.get(run_id) {
             Some((r, _)) => spans::run_context(&r.trace, run_id),
             None => spans::run_context(&spans::fallback_trace(run_id), run_id),
@@ -776,6 +893,26 @@ enum Admit {
     Preempt(Vec<RunEvent>),
 }
 
+/// What the run index records about the run that request `request` (a stream sequence) starts.
+fn index_entry(workflow: &WorkflowRef, parent: Option<&Parent>, request: u64) -> runs::Entry {
+    runs::Entry {
+        workflow: workflow.name.clone(),
+        version: workflow.version,
+        request,
+        parent: parent.map(|p| p.run_id.clone()),
+    }
+}
+
+/// A transient failure: the event comes back after a pause, counted and logged, never dead-lettered.
+async fn retry_later(message: jetstream::Message, run_id: &str, error: &baton_core::Error) {
+    tracing::warn!(run = %run_id, %error, "transient failure; the event will be redelivered");
+    metrics::counter!(baton_core::metrics::TRANSIENT_FAILURES, "service" => "coordinator")
+        .increment(1);
+    let _ = message
+        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+        .await;
+}
+
 /// How often a queued run checks for a free slot.
 const QUEUE_POLL: Duration = Duration::from_secs(2);
 
@@ -787,12 +924,12 @@ fn cancel(run_id: &str, reason: String) -> RunEvent {
 }
 
 /// The concurrency slot of a run, if its workflow has a concurrency key.
-pub fn slot_of(run: &Run, wf: &Workflow) -> Option<Result<String, String>> {
+pub fn slot_of(run: &Run, wf: &Workflow) -> Option<Result<String, baton_core::Error>> {
     let c = wf.concurrency.as_ref()?;
     let key = c
         .key
         .eval(&to_val(&run.context()))
-        .map_err(|e| e.to_string());
+        .map_err(|e| baton_core::Error::invalid(e.to_string()));
     Some(key.map(|v| {
         let key = match v {
             serde_json::Value::String(s) => s,
@@ -805,15 +942,18 @@ pub fn slot_of(run: &Run, wf: &Workflow) -> Option<Result<String, String>> {
 /// A publish under way: a JetStream ack to wait for, or another write that waits for its own.
 enum Pending {
     Ack(jetstream::context::PublishAckFuture),
-    Future(futures::future::BoxFuture<'static, Result<(), String>>),
+    Future(futures::future::BoxFuture<'static, Result<(), baton_core::Error>>),
 }
 
-type PublishResult = Result<Pending, String>;
+type PublishResult = Result<Pending, baton_core::Error>;
 
-async fn await_all(publishes: Vec<PublishResult>) -> Result<(), String> {
+async fn await_all(publishes: Vec<PublishResult>) -> Result<(), baton_core::Error> {
     for publish in publishes {
         match publish? {
-            Pending::Ack(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string())?,
+            Pending::Ack(ack) => ack
+                .await
+                .map(|_| ())
+                .map_err(|e| baton_core::Error::publish(&e))?,
             Pending::Future(f) => f.await?,
         }
     }

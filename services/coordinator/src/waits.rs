@@ -210,19 +210,20 @@ impl Matcher {
         &mut self,
         bucket: &mut jetstream::stream::Stream,
         watch: &mut kv::Watch,
-    ) -> Result<(), String> {
+    ) -> Result<(), baton_core::Error> {
+        use baton_core::Error as E;
         let last = bucket
             .info()
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| E::request("cannot read the waits bucket", &e))?
             .state
             .last_sequence;
         while self.revision < last {
             match tokio::time::timeout(Duration::from_secs(5), watch.next()).await {
                 Ok(Some(Ok(entry))) => self.fold(entry),
-                Ok(Some(Err(e))) => return Err(e.to_string()),
-                Ok(None) => return Err("the watch ended".into()),
-                Err(_) => return Err("the watch is behind".into()),
+                Ok(Some(Err(e))) => return Err(E::request("the waits watch failed", &e)),
+                Ok(None) => return Err(E::transient("the waits watch ended")),
+                Err(_) => return Err(E::transient("the waits watch is behind")),
             }
         }
         Ok(())
@@ -257,7 +258,13 @@ impl Matcher {
                 .await
             {
                 Ok(wf) => wf,
+                Err(error) if !error.is_transient() => {
+                    tracing::warn!(run = %entry.run_id, %error, "the workflow of a wait is gone; the wait is not matched");
+                    continue;
+                }
                 Err(error) => {
+                    metrics::counter!(baton_core::metrics::TRANSIENT_FAILURES, "service" => "waits")
+                        .increment(1);
                     tracing::warn!(run = %entry.run_id, %error, "cannot load the workflow of a wait; retrying");
                     let _ = message
                         .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
@@ -295,12 +302,25 @@ impl Matcher {
             .zip(&traces)
             .map(|((_, o, _), t)| (o, t))
             .collect();
-        let stored = self.bus.store(SOURCE, events).await.is_ok();
-        if !stored {
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
+        match self.bus.store(SOURCE, events).await {
+            Ok(()) => {}
+            Err(error) if error.is_transient() => {
+                metrics::counter!(baton_core::metrics::TRANSIENT_FAILURES, "service" => "waits")
+                    .increment(1);
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
+            }
+            // An outcome that can never be stored (say, an event too large to become a step's
+            // output): kept with the reason instead of retried forever.
+            Err(error) => {
+                let reason = format!(
+                    "the outcomes of the waits this event matches cannot be stored: {error}"
+                );
+                baton_core::dlq::reject(&self.bus.js, "waits", &message, &reason).await;
+                return;
+            }
         }
         for (k, _, _) in outcomes {
             // Best effort: a leftover entry only costs a duplicate outcome, which the journal drops.
@@ -333,18 +353,18 @@ fn decision(
     approvers: &[String],
     entry: &WaitEntry,
     event: &Value,
-) -> Result<Option<RunEvent>, String> {
+) -> Result<Option<RunEvent>, baton_core::Error> {
     if event.get("subject") != Some(&entry.key) {
         return Ok(None);
     }
     let decided: ApprovalDecided = serde_json::from_value(event["data"].clone())
-        .map_err(|e| format!("not a valid decision: {e}"))?;
+        .map_err(|e| baton_core::Error::invalid(format!("not a valid decision: {e}")))?;
     if !approvers.is_empty() && !approvers.contains(&decided.by) {
-        return Err(format!(
+        return Err(baton_core::Error::invalid(format!(
             "{} may not decide this step; its approvers are {}",
             decided.by,
             approvers.join(", ")
-        ));
+        )));
     }
     let comment = if decided.comment.is_empty() {
         String::new()

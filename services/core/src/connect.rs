@@ -76,7 +76,7 @@ impl Bus {
         &self,
         source: &str,
         events: impl IntoIterator<Item = (&'a crate::event::RunEvent, &'a crate::trace::Trace)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::Error> {
         let mut acks = Vec::new();
         for (event, trace) in events {
             let (headers, body) = crate::binding::encode(&event.to_cloudevent(source, trace));
@@ -84,11 +84,11 @@ impl Bus {
                 .js
                 .publish_with_headers(event.subject(self.partitions), headers, body)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| crate::Error::publish(&e))?;
             acks.push(ack);
         }
         for ack in acks {
-            ack.await.map_err(|e| e.to_string())?;
+            ack.await.map_err(|e| crate::Error::publish(&e))?;
         }
         Ok(())
     }

@@ -107,7 +107,11 @@ impl DeadLetter {
 /// Stores a dead letter in `baton.dlq.<origin>` and waits until it is stored, so that the caller may
 /// then ack (terminate) the original. `id` should identify the original (for example its stream and
 /// sequence), so that a redelivered original does not make a second dead letter.
-pub async fn publish(js: &jetstream::Context, id: &str, letter: &DeadLetter) -> Result<(), String> {
+pub async fn publish(
+    js: &jetstream::Context,
+    id: &str,
+    letter: &DeadLetter,
+) -> Result<(), crate::Error> {
     tracing::warn!(origin = %letter.origin, subject = %letter.subject, reason = %letter.reason, "rejected a message to the dead-letter stream");
     metrics::counter!(crate::metrics::DEAD_LETTERS, "origin" => letter.origin.clone()).increment(1);
     let trace = letter.trace();
@@ -119,13 +123,15 @@ pub async fn publish(js: &jetstream::Context, id: &str, letter: &DeadLetter) -> 
         .time(chrono::Utc::now())
         .data(
             "application/json",
-            serde_json::to_value(letter).map_err(|e| e.to_string())?,
+            serde_json::to_value(letter).expect("a dead letter serializes"),
         )
         .extension("traceparent", trace.traceparent());
     if let Some(state) = &trace.state {
         builder = builder.extension("tracestate", state.as_str());
     }
-    let event = builder.build().map_err(|e| e.to_string())?;
+    let event = builder
+        .build()
+        .map_err(|e| crate::Error::permanent(format!("cannot build the dead letter: {e}")))?;
     let (headers, body) = binding::encode(&event);
     js.publish_with_headers(
         format!("{}.{}", subjects::DLQ, letter.origin),
@@ -133,9 +139,9 @@ pub async fn publish(js: &jetstream::Context, id: &str, letter: &DeadLetter) -> 
         body,
     )
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| crate::Error::publish(&e))?
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| crate::Error::publish(&e))?;
     Ok(())
 }
 

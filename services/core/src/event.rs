@@ -715,6 +715,28 @@ pub fn triggered_run_id(workflow: &str, source: &str, event_id: &str) -> String 
     hash.iter().take(13).map(|b| format!("{b:02x}")).collect()
 }
 
+/// The most a step's input may be, in bytes of JSON: NATS's default `max_payload` (1 MiB) less
+/// room for the rest of the request and its headers. A larger input could never be stored, so the
+/// coordinator fails the step with this limit in the reason instead of trying.
+pub const MAX_INPUT_BYTES: usize = 1024 * 1024 - 64 * 1024;
+
+/// The size of `value` as compact JSON, without building the text.
+pub fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 /// The id of the sub-run that attempt `attempt` of a `workflow` step starts.
 pub fn child_run_id(run_id: &str, step: &str, attempt: u32) -> String {
     format!("{run_id}-{step}-{attempt}")

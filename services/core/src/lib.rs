@@ -5,16 +5,20 @@
 //! - [`subjects`] and [`streams`]: the subject layout, partitions, and idempotent stream set-up;
 //! - [`connect`]: connecting to NATS, refusing servers older than 2.12;
 //! - [`provision`]: finding or installing a suitable `nats-server` binary;
+//! - [`error`]: the error type with a kind (transient, permanent, invalid input) callers branch on;
+//! - [`runs`]: the index of runs, which makes a run id execute at most once;
 //! - [`shutdown`] and [`telemetry`]: one shutdown path and logging set-up for every service.
 
 pub mod binding;
 pub mod catalogue;
 pub mod connect;
 pub mod dlq;
+pub mod error;
 pub mod event;
 pub mod metrics;
 pub mod provision;
 pub mod registry;
+pub mod runs;
 pub mod secrets;
 pub mod shutdown;
 pub mod spans;
@@ -26,3 +30,4 @@ pub mod workflows;
 
 pub use cloudevents::Event;
 pub use connect::{Bus, connect};
+pub use error::{Error, Kind};

@@ -25,6 +25,11 @@ pub const STEP_DURATION: &str = "baton_step_duration_seconds";
 pub const REDELIVERIES: &str = "baton_redeliveries_total";
 /// Dead letters stored, by `origin`.
 pub const DEAD_LETTERS: &str = "baton_dead_letters_total";
+/// Run requests for a run that already exists, which started nothing.
+pub const DUPLICATE_REQUESTS: &str = "baton_duplicate_requests_total";
+/// Failures that are retried (a timeout, a leader election, a registry that cannot be read), by
+/// `service`.
+pub const TRANSIENT_FAILURES: &str = "baton_transient_failures_total";
 /// Events accepted by the gateway, by `origin` (`http`, `github`, `alertmanager`).
 pub const EVENTS_ACCEPTED: &str = "baton_events_accepted_total";
 /// Requests the gateway refused, by `status`.
@@ -37,7 +42,7 @@ pub const CONSUMER_PENDING: &str = "baton_consumer_pending";
 pub const CONSUMER_ACK_PENDING: &str = "baton_consumer_ack_pending";
 
 /// Serves `/metrics` on `addr` (any path answers) for the rest of the process's life.
-pub fn serve(addr: SocketAddr) -> Result<(), String> {
+pub fn serve(addr: SocketAddr) -> Result<(), crate::Error> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(
@@ -46,9 +51,9 @@ pub fn serve(addr: SocketAddr) -> Result<(), String> {
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0,
             ],
         )
-        .map_err(|e| e.to_string())?
+        .map_err(|e| crate::Error::invalid(e.to_string()))?
         .install()
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        .map_err(|e| crate::Error::permanent(format!("cannot serve metrics on {addr}: {e}")))?;
     describe();
     tracing::info!(%addr, "metrics on http://{addr}/metrics");
     Ok(())
@@ -58,6 +63,14 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(RUNS_STARTED, "Runs started, by workflow.");
     describe_counter!(RUNS_ENDED, "Runs ended, by workflow and outcome.");
+    describe_counter!(
+        DUPLICATE_REQUESTS,
+        "Run requests for a run that already exists; they started nothing."
+    );
+    describe_counter!(
+        TRANSIENT_FAILURES,
+        "Failures retried with backoff (timeouts, leader elections), by service."
+    );
     describe_counter!(
         STEPS,
         "Step attempts executed, by kind, outcome and compensation."

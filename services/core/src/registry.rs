@@ -43,6 +43,18 @@ pub enum Error {
     Corrupt { name: String, reason: String },
 }
 
+impl From<Error> for crate::Error {
+    /// An unreachable registry or a concurrent change may succeed later; a corrupt head will not.
+    fn from(e: Error) -> crate::Error {
+        match e {
+            Error::Unavailable(_) | Error::Conflict { .. } => {
+                crate::Error::transient(e.to_string())
+            }
+            Error::Corrupt { .. } => crate::Error::permanent(e.to_string()),
+        }
+    }
+}
+
 /// Hex SHA-256 of a workflow's source text.
 pub fn digest(source: &str) -> String {
     Sha256::digest(source.as_bytes())

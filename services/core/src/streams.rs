@@ -19,6 +19,9 @@ pub const CONCURRENCY_BUCKET: &str = "baton-concurrency";
 pub const SECRETS_BUCKET: &str = "baton-secrets";
 /// The windows of trigger flow control (`dedup`, `rate`): `<key id>` -> start and admitted runs.
 pub const FLOW_BUCKET: &str = "baton-flow";
+/// The index of runs: `<run id>` -> workflow, version and the request that claimed it
+/// ([`crate::runs`]). Kept as long as the journal.
+pub const RUNS_BUCKET: &str = "baton-runs";
 
 /// Stream metadata key that fixes the partition count of the journal for its whole life.
 const PARTITIONS_KEY: &str = "baton.partitions";
@@ -129,6 +132,11 @@ pub async fn ensure(js: &jetstream::Context, topology: &Topology) -> Result<u32,
             FLOW_BUCKET,
             "Baton trigger flow control: the window of each key",
             week,
+        ),
+        (
+            RUNS_BUCKET,
+            "Baton run index: every run id, claimed once by the request that started it",
+            topology.journal_max_age,
         ),
     ] {
         if js.get_key_value(bucket).await.is_err() {

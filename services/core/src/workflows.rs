@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::Error;
 use crate::registry::Registry;
 use baton_workflow::Workflow;
 
@@ -23,22 +24,23 @@ impl Workflows {
         }
     }
 
-    /// The latest version of `name`, for a sub-run that does not pin one.
-    pub async fn head_version(&self, name: &str) -> Result<u64, String> {
-        match self.registry.head(name).await {
-            Ok(Some(head)) if head.enabled => Ok(head.version),
-            Ok(Some(_)) => Err(format!(
+    /// The latest version of `name`, for a sub-run that does not pin one. A registry that cannot
+    /// be read is a transient error; a missing or disabled workflow a permanent one.
+    pub async fn head_version(&self, name: &str) -> Result<u64, Error> {
+        match self.registry.head(name).await? {
+            Some(head) if head.enabled => Ok(head.version),
+            Some(_) => Err(Error::permanent(format!(
                 "workflow {name} is disabled; enable it with `baton workflows enable {name}`"
-            )),
-            Ok(None) => Err(format!(
+            ))),
+            None => Err(Error::permanent(format!(
                 "workflow {name} is not in the registry; apply it with `baton apply`"
-            )),
-            Err(e) => Err(e.to_string()),
+            ))),
         }
     }
 
-    /// The compiled version, or an error that says why it cannot be had.
-    pub async fn get(&self, name: &str, version: u64) -> Result<Arc<Workflow>, String> {
+    /// The compiled version, or an error that says why it cannot be had: transient when the
+    /// registry cannot be read (retry), permanent when the version is missing or does not compile.
+    pub async fn get(&self, name: &str, version: u64) -> Result<Arc<Workflow>, Error> {
         let key = (name.to_owned(), version);
         if let Some(wf) = self.cache.lock().expect("cache lock").get(&key) {
             return Ok(wf.clone());
@@ -47,12 +49,20 @@ impl Workflows {
             .registry
             .source(name, version)
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("workflow {name} version {version} is not in the registry"))?;
-        let wf = Arc::new(
-            baton_workflow::compile(&source)
-                .map_err(|p| format!("workflow {name} version {version} does not compile: {p}"))?,
-        );
+            .map_err(|e| {
+                Error::from(e).context(format!("reading workflow {name} version {version}"))
+            })?
+            .ok_or_else(|| {
+                Error::permanent(format!(
+                    "workflow {name} version {version} is not in the registry; apply it with \
+                     `baton apply`, then re-publish the dead letter"
+                ))
+            })?;
+        let wf = Arc::new(baton_workflow::compile(&source).map_err(|p| {
+            Error::permanent(format!(
+                "workflow {name} version {version} does not compile: {p}"
+            ))
+        })?);
         self.cache
             .lock()
             .expect("cache lock")

@@ -86,10 +86,12 @@ pub async fn admit(
     run: &str,
     limit: u32,
     per: Duration,
-) -> Result<Decision, String> {
+) -> Result<Decision, baton_core::Error> {
     // Compare-and-set loses only to another writer of the same key; a few tries settle it.
     for _ in 0..16 {
-        let entry = bucket.entry(key).await.map_err(|e| e.to_string())?;
+        let entry = bucket.entry(key).await.map_err(|e| {
+            baton_core::Error::request(format_args!("cannot read flow-control key {key}"), &e)
+        })?;
         let live = entry
             .as_ref()
             .filter(|e| e.operation == kv::Operation::Put)
@@ -99,7 +101,7 @@ pub async fn admit(
         let Decision::Open(window) = &decision else {
             return Ok(decision);
         };
-        let value = serde_json::to_vec(window).map_err(|e| e.to_string())?;
+        let value = serde_json::to_vec(window).expect("a window serializes");
         let written = match &entry {
             None => bucket.create(key, value.into()).await.map(|_| ()).ok(),
             Some(e) => bucket
@@ -112,7 +114,9 @@ pub async fn admit(
             return Ok(decision);
         }
     }
-    Err(format!("flow-control key {key} is changing too fast"))
+    Err(baton_core::Error::transient(format!(
+        "flow-control key {key} is changing too fast"
+    )))
 }
 
 /// Schedules `request` (a `run.requested`) to be stored once key `key_id` has been quiet for
@@ -123,7 +127,7 @@ pub async fn debounce(
     request: &RunEvent,
     trace: &Trace,
     quiet: Duration,
-) -> Result<(), String> {
+) -> Result<(), baton_core::Error> {
     let (mut headers, body) =
         binding::encode(&request.to_cloudevent(crate::triggers::SOURCE, trace));
     let due = chrono::Utc::now() + quiet;
@@ -145,9 +149,9 @@ pub async fn debounce(
     bus.js
         .publish_with_headers(subject, headers, body)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| baton_core::Error::publish(&e))?
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| baton_core::Error::publish(&e))?;
     Ok(())
 }
 

@@ -77,6 +77,14 @@ impl Index {
         }
     }
 
+    /// Every trigger of the workflow `name`.
+    fn entries_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.by_type
+            .values()
+            .flatten()
+            .filter(move |e| e.workflow.name == name)
+    }
+
     /// The triggers of `ty`.
     pub fn candidates(&self, ty: &str) -> &[Entry] {
         self.by_type.get(ty).map_or(&[], Vec::as_slice)
@@ -150,17 +158,29 @@ impl Triggers {
         })
     }
 
-    async fn reload(&mut self) -> Result<(), Error> {
+    /// Rebuilds the index from the registry. A version the registry cannot serve right now keeps
+    /// the workflow's last good version in the index (an error if there is none, so the event is
+    /// retried); a version that is gone or does not compile is left out, with a warning.
+    async fn reload(&mut self) -> Result<(), baton_core::Error> {
         let mut index = Index::default();
-        for head in self
-            .registry
-            .heads()
-            .await?
-            .into_iter()
-            .filter(|h| h.enabled)
-        {
+        let heads = self.registry.heads().await?;
+        for head in heads.into_iter().filter(|h| h.enabled) {
             match self.workflows.get(&head.name, head.version).await {
                 Ok(wf) => index.add(wf, head.version),
+                Err(error) if error.is_transient() => {
+                    let last: Vec<Entry> = self.index.entries_of(&head.name).cloned().collect();
+                    if last.is_empty() {
+                        return Err(error);
+                    }
+                    tracing::warn!(workflow = %head.name, version = head.version, %error, "cannot load the latest version; its last good version keeps serving");
+                    for entry in last {
+                        index
+                            .by_type
+                            .entry(entry.trigger().ty.clone())
+                            .or_default()
+                            .push(entry);
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(workflow = %head.name, version = head.version, %error, "workflow skipped by trigger matching");
                 }
@@ -223,30 +243,52 @@ impl Triggers {
                 return;
             }
         };
-        let reload = self.stale(RELOAD_EVERY)
-            || (self.index.candidates(event.ty()).is_empty() && self.stale(RELOAD_ON_MISS));
+        let miss = self.index.candidates(event.ty()).is_empty();
+        let reload = self.stale(RELOAD_EVERY) || (miss && self.stale(RELOAD_ON_MISS));
         if reload && let Err(error) = self.reload().await {
-            tracing::warn!(%error, "cannot load workflows; the event will be redelivered");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
-        }
-        let ack = match self.start_runs(&message, &event).await {
-            Ok(()) => AckKind::Ack,
-            Err(error) => {
-                tracing::warn!(%error, event = event.id(), "cannot start the runs of an event; it will be redelivered");
-                AckKind::Nak(Some(Duration::from_secs(1)))
+            metrics::counter!(baton_core::metrics::TRANSIENT_FAILURES, "service" => "triggers")
+                .increment(1);
+            if miss || self.loaded.is_none() {
+                // Whether a new workflow matches is unknown: the event comes back.
+                tracing::warn!(%error, "cannot load workflows; the event will be redelivered");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+                return;
             }
-        };
-        let _ = message.ack_with(ack).await;
+            // The index that served a moment ago keeps serving; the next reload is due later.
+            tracing::warn!(%error, "cannot reload workflows; matching with the last good index");
+            self.loaded = Some(Instant::now());
+        }
+        match self.start_runs(&message, &event).await {
+            Ok(()) => {
+                let _ = message.ack().await;
+            }
+            Err(error) if error.is_transient() => {
+                metrics::counter!(baton_core::metrics::TRANSIENT_FAILURES, "service" => "triggers")
+                    .increment(1);
+                tracing::warn!(%error, event = event.id(), "cannot start the runs of an event; it will be redelivered");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+            // No retry can help (a run request too large to store): kept with the reason, once.
+            Err(error) => {
+                let reason = format!("the event's runs cannot be started: {error}");
+                dlq::reject(&self.bus.js, "triggers", &message, &reason).await;
+            }
+        }
     }
 
     /// Starts the runs `event` triggers; `Err` when something could not be stored (the event is
     /// then redelivered, and what was stored is not repeated).
-    async fn start_runs(&self, message: &jetstream::Message, event: &Event) -> Result<(), String> {
+    async fn start_runs(
+        &self,
+        message: &jetstream::Message,
+        event: &Event,
+    ) -> Result<(), baton_core::Error> {
         let json = EventJson::from_event(event);
-        let event_value = serde_json::to_value(&json).map_err(|e| e.to_string())?;
+        let event_value = serde_json::to_value(&json).expect("an event serializes as JSON");
         // The run continues the event's trace.
         let trace = event::trace(event).unwrap_or_default();
         let mut requests = Vec::new();
@@ -310,7 +352,7 @@ impl Triggers {
         message: &jetstream::Message,
         workflow: &str,
         reason: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), baton_core::Error> {
         let id = match message.info() {
             Ok(info) => format!("{}.{}.{workflow}", info.stream, info.stream_sequence),
             Err(_) => event::new_run_id(),

@@ -372,6 +372,49 @@ fn an_invalid_input_or_expression_fails_the_run_with_the_reason() {
     );
 }
 
+#[test]
+fn a_step_input_too_large_to_store_fails_the_run_once_and_compensates() {
+    // Two expressions of 560,000 bytes each (one alone may give at most 1 MiB): an input over the
+    // limit of a step request, which no retry could ever store.
+    let yaml = r#"
+name: big
+steps:
+  - id: small
+    uses: echo
+    compensate: { uses: echo, with: { undo: true } }
+  - id: huge
+    uses: echo
+    with:
+      a: '${{ [range(0; 35000)] | map("0123456789abcdef") | join("") }}'
+      b: '${{ [range(0; 35000)] | map("0123456789abcdef") | join("") }}'
+"#;
+    let mut sim = Sim::new(yaml, json!({}));
+    let cmds = sim.start();
+    assert_eq!(shown(&cmds), ["request small#1"]);
+    let cmds = sim.send(ok(&cmds[0], json!({})));
+    assert_eq!(shown(&cmds), ["compensating [small]", "compensate small#1"]);
+    assert_eq!(sim.run.failed_step.as_deref(), Some("huge"));
+    let reason = sim
+        .run
+        .error
+        .clone()
+        .or(sim.run.reason.clone())
+        .unwrap_or_default();
+    let RunEvent::Compensating(c) = &cmds[0] else {
+        unreachable!()
+    };
+    assert!(
+        c.reason
+            .contains("step huge: its input is 1120015 bytes, more than the 983040"),
+        "{} / {reason}",
+        c.reason
+    );
+    let cmds = sim.send(ok(&cmds[1], json!({})));
+    assert_eq!(shown(&cmds), ["ended compensated (round 1)"]);
+    // Nothing is left to issue: no request is retried, however often the run is replayed.
+    assert_eq!(sim.run.decide(&sim.wf, clock()), []);
+}
+
 const RETRY: &str = r#"
 name: retry
 steps:
