@@ -116,13 +116,12 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("emits-a-secret.yaml");
     std::fs::write(&file, EMITS_A_SECRET).unwrap();
-    let (ok, _, stderr) = baton_tests::baton_command(
-        &["apply", file.to_str().unwrap(), "--nats-url", &url],
-        &[],
-    );
+    let (ok, _, stderr) =
+        baton_tests::baton_command(&["apply", file.to_str().unwrap(), "--nats-url", &url], &[]);
     assert!(!ok, "an emit reading a secret was applied: {stderr}");
     assert!(
-        stderr.contains("emits-a-secret.yaml:6:") && stderr.contains("an `emit` step cannot read secrets"),
+        stderr.contains("emits-a-secret.yaml:6:")
+            && stderr.contains("an `emit` step cannot read secrets"),
         "{stderr}"
     );
     let registry = baton_core::registry::Registry::open(&bus.js).await.unwrap();

@@ -20,10 +20,7 @@ fn exit_code(error: &std::io::Error) -> i32 {
         return 0;
     }
     // Standard error may be a closed pipe too: ignore a failure to report.
-    let _ = writeln!(
-        std::io::stderr(),
-        "error: cannot write the output: {error}"
-    );
+    let _ = writeln!(std::io::stderr(), "error: cannot write the output: {error}");
     1
 }
 

@@ -151,10 +151,19 @@ mod tests {
             .await
             .unwrap();
         assert!(bus.is_none());
-        assert!(began.elapsed() < Duration::from_secs(5), "{:?}", began.elapsed());
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            began.elapsed()
+        );
         // A one-shot connection fails at once, naming the server and what to do.
-        let error = connect(&url, "test", &Topology::default()).await.unwrap_err();
+        let error = connect(&url, "test", &Topology::default())
+            .await
+            .unwrap_err();
         let message = error.to_string();
-        assert!(message.contains(&url) && message.contains("baton dev"), "{message}");
+        assert!(
+            message.contains(&url) && message.contains("baton dev"),
+            "{message}"
+        );
     }
 }

@@ -454,7 +454,8 @@ impl Service {
         let shutdown = baton_core::shutdown::on_signal();
         let name = format!("baton-service-{}", self.kind);
         // Started before NATS (or with it, in a compose file): wait for it like Baton's services.
-        let Some(bus) = baton_core::connect_waiting(&url, &name, &topology, &shutdown).await? else {
+        let Some(bus) = baton_core::connect_waiting(&url, &name, &topology, &shutdown).await?
+        else {
             return Ok(());
         };
         self.run(bus, shutdown).await
