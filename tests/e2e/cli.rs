@@ -273,6 +273,7 @@ async fn services_started_before_nats_wait_for_it_then_serve() {
         err.contains(&format!("cannot connect to NATS at {url}")) && err.contains("baton dev"),
         "{err}"
     );
+    assert_eq!(err.matches("refused").count(), 1, "said once: {err}");
     assert!(
         began.elapsed() < Duration::from_secs(10),
         "{:?}",

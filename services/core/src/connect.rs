@@ -18,12 +18,13 @@ pub struct Bus {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "cannot connect to NATS at {url}: {source}. Is nats-server running there? `baton dev` \
+        "cannot connect to NATS at {url}: {error}. Is nats-server running there? `baton dev` \
          starts one; NATS_URL (or `--nats-url`) names another server."
     )]
     Connect {
         url: String,
-        source: async_nats::ConnectError,
+        /// In the message, not a `source`: a report of the chain would repeat it after the remedy.
+        error: async_nats::ConnectError,
     },
     #[error(
         "the NATS server at {url} is version {found}; Baton needs {MIN_VERSION} or newer \
@@ -46,9 +47,9 @@ pub async fn connect(url: &str, name: &str, topology: &Topology) -> Result<Bus, 
         .max_reconnects(None)
         .connect(url.split(',').map(str::trim).collect::<Vec<_>>().as_slice())
         .await
-        .map_err(|source| Error::Connect {
+        .map_err(|error| Error::Connect {
             url: url.to_owned(),
-            source,
+            error,
         })?;
     let info = client.server_info();
     let found = Version::parse(&info.version);
