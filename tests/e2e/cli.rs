@@ -1,6 +1,9 @@
 //! The `baton` command as a user runs it.
 
+use std::time::{Duration, Instant};
+
 use baton_tests::{BatonProcess, NatsServer, baton_command, workspace_root};
+use serde_json::json;
 
 #[tokio::test]
 async fn baton_run_follows_a_workflow_file_to_its_result_and_runs_show_prints_it() {
@@ -206,4 +209,203 @@ async fn baton_dev_serves_until_ctrl_c_then_stops_everything_cleanly() {
         "its nats-server is stopped too"
     );
     assert!(data.path().join("jetstream").is_dir(), "data is kept");
+}
+
+/// Waits until `cond` holds, checking every 50 ms; panics with `context` after `timeout`.
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "not so after {timeout:?}:\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Services started before NATS (a reboot, a compose file) wait for it, saying so, and serve once
+/// it is up; Ctrl-C or SIGTERM still stops one while it waits. One-shot commands fail at once.
+#[tokio::test]
+async fn services_started_before_nats_wait_for_it_then_serve() {
+    let mut server = NatsServer::not_started();
+    let url = server.url();
+    let coordinator = BatonProcess::start(&["coordinator", "--nats-url", &url]);
+    let runner = BatonProcess::start(&["runner", "--nats-url", &url]);
+    let mut gateway =
+        BatonProcess::start(&["gateway", "--nats-url", &url, "--http", "127.0.0.1:0"]);
+    let waiting = format!("cannot reach NATS at {url} yet");
+    let logs = || {
+        format!(
+            "coordinator:\n{}\nrunner:\n{}",
+            coordinator.log(),
+            runner.log()
+        )
+    };
+    wait_until(
+        Duration::from_secs(30),
+        || {
+            [&coordinator, &runner]
+                .iter()
+                .all(|p| p.log().contains(&waiting))
+        },
+        logs,
+    );
+    wait_until(
+        Duration::from_secs(30),
+        || gateway.log().contains(&waiting),
+        || gateway.log(),
+    );
+
+    // A stop while waiting is prompt and clean.
+    let status = gateway.terminate(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the waiting gateway did not stop cleanly on SIGTERM: {status:?}\n{}",
+        gateway.log()
+    );
+
+    // A one-shot command does not wait: it names the server and what to do.
+    let began = Instant::now();
+    let (ok, _, err) = baton_command(&["runs", "list", "--nats-url", &url], &[]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains(&format!("cannot connect to NATS at {url}")) && err.contains("baton dev"),
+        "{err}"
+    );
+    assert_eq!(err.matches("refused").count(), 1, "said once: {err}");
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+
+    // NATS comes up: the waiting coordinator and runner execute a run.
+    server.restart();
+    let bus = crate::bus(&url).await;
+    let hello = std::fs::read_to_string(workspace_root().join("docs/examples/hello.yaml")).unwrap();
+    let version = crate::saga::apply(&bus, "hello", &hello).await;
+    let run = crate::saga::start_run(&bus, "hello", version, json!({"name": "later"})).await;
+    let journal = crate::wait_for_end(&bus, &run, Duration::from_secs(60), logs).await;
+    assert_eq!(
+        crate::saga::ending(&journal),
+        Some(baton_core::event::Ending::Succeeded),
+        "{journal:#?}"
+    );
+    assert!(
+        coordinator.log().contains("connected to NATS"),
+        "{}",
+        logs()
+    );
+}
+
+/// A reader that stops reading (`baton runs events X | head -1`) ends the command quietly, with
+/// success, instead of a panic about a broken pipe.
+#[tokio::test]
+async fn output_into_a_closed_pipe_ends_the_command_quietly() {
+    use baton_core::event::{RunEvent, StepRequested};
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+
+    let server = NatsServer::start();
+    let url = server.url();
+    let bus = crate::bus(&url).await;
+    // 32 events of 64 KiB: far more than a pipe holds, so `baton` is still writing when the
+    // reader goes away, whatever the timing.
+    let run_id = baton_core::event::new_run_id();
+    let events: Vec<RunEvent> = (0..32)
+        .map(|i| {
+            RunEvent::StepRequested(StepRequested {
+                run_id: run_id.clone(),
+                step: format!("s{i}"),
+                item: None,
+                items: None,
+                kind: "echo".into(),
+                attempt: 1,
+                input: json!({"blob": "x".repeat(64 * 1024)}),
+                idempotency_key: format!("{run_id}/s{i}"),
+                timeout_ms: None,
+            })
+        })
+        .collect();
+    let trace = baton_core::trace::Trace::new();
+    bus.store("baton/test", events.iter().map(|e| (e, &trace)))
+        .await
+        .unwrap();
+
+    let mut child = Command::new(baton_tests::baton_binary())
+        .args(["runs", "events", &run_id, "--nats-url", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(line.contains(&run_id), "{line}");
+    drop(stdout);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(status.success(), "{status:?}: {stderr}");
+}
+
+/// A workflow file larger than a NATS message is refused as such, naming its size, the limit and
+/// what to do, and nothing is stored; not reported as an unreachable registry.
+#[tokio::test]
+async fn a_workflow_over_the_servers_max_payload_is_refused_as_too_large() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let bus = crate::bus(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small.yaml");
+    std::fs::write(&small, "name: small\nsteps:\n  - id: a\n    uses: echo\n").unwrap();
+    let big = dir.path().join("big.yaml");
+    // A long comment: valid, and 1.2 MB where the server's default limit is 1 MiB.
+    let text = format!(
+        "# {}\nname: big\nsteps:\n  - id: a\n    uses: echo\n",
+        "x".repeat(1_200_000)
+    );
+    std::fs::write(&big, &text).unwrap();
+    let size = text.len().to_string();
+
+    let (ok, out, err) = baton_command(
+        &[
+            "apply",
+            small.to_str().unwrap(),
+            big.to_str().unwrap(),
+            "--nats-url",
+            &url,
+        ],
+        &[],
+    );
+    assert!(!ok, "{out}");
+    for expected in [
+        "big.yaml: no file was applied",
+        "workflow big is too large to store",
+        size.as_str(),
+        "1048576",
+        "max_payload",
+        "Make the file smaller",
+    ] {
+        assert!(err.contains(expected), "no {expected:?} in: {err}");
+    }
+    assert!(!err.contains("not reachable"), "{err}");
+    let registry = baton_core::registry::Registry::open(&bus.js).await.unwrap();
+    assert_eq!(registry.head("small").await.unwrap(), None);
+    assert_eq!(registry.head("big").await.unwrap(), None);
+
+    // `baton run FILE` stores through the registry too, and says the same.
+    let (ok, _, err) = baton_command(&["run", big.to_str().unwrap(), "--nats-url", &url], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("workflow big is too large to store") && err.contains("1048576"),
+        "{err}"
+    );
 }

@@ -1,7 +1,9 @@
 //! Secrets: a workflow uses two secrets (one from the cluster's bucket, one from the runner's
 //! environment) in an HTTP header and a process environment; the peer gets the real values, and
 //! neither value is anywhere in the journal, the event and dead-letter streams, the outputs or the
-//! logs of any process.
+//! logs of any process. An `emit` step never carries a secret into `BATON_EVENTS`: a workflow whose
+//! `emit` reads `.secrets` is refused by `baton apply`, and a reference that reaches an `emit`
+//! as data fails the step instead of being resolved.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +24,7 @@ const KEY: &str = "key-0d4b2e88-ALSO-SECRET";
 
 const WORKFLOW: &str = r#"
 name: deploy-with-secrets
-inputs: { url: { type: string } }
+inputs: { url: { type: string }, note: { type: string } }
 steps:
   - id: call
     uses: http
@@ -40,6 +42,20 @@ steps:
     with: { x: "${{ .secrets.not_set }}" }
     needs: []
     on-failure: continue
+  - id: relay
+    uses: emit
+    with: { type: com.example.note, data: { note: "${{ .inputs.note }}" } }
+    needs: []
+    on-failure: continue
+"#;
+
+/// Refused when applied: the event would carry the token in clear.
+const EMITS_A_SECRET: &str = r#"
+name: emits-a-secret
+steps:
+  - id: announce
+    uses: emit
+    with: { type: com.example.deployed, data: { token: "${{ .secrets.api_token }}" } }
 "#;
 
 /// Every byte of every message of a stream.
@@ -97,6 +113,20 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
     writeln!(set.stdin.take().unwrap(), "{TOKEN}").unwrap();
     assert!(set.wait().unwrap().success());
 
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("emits-a-secret.yaml");
+    std::fs::write(&file, EMITS_A_SECRET).unwrap();
+    let (ok, _, stderr) =
+        baton_tests::baton_command(&["apply", file.to_str().unwrap(), "--nats-url", &url], &[]);
+    assert!(!ok, "an emit reading a secret was applied: {stderr}");
+    assert!(
+        stderr.contains("emits-a-secret.yaml:6:")
+            && stderr.contains("an `emit` step cannot read secrets"),
+        "{stderr}"
+    );
+    let registry = baton_core::registry::Registry::open(&bus.js).await.unwrap();
+    assert_eq!(registry.head("emits-a-secret").await.unwrap(), None);
+
     let version = apply(&bus, "deploy-with-secrets", WORKFLOW).await;
     // Spans go to a collector of the test's own, to be searched too.
     let (endpoint, spans) = crate::tracing::collector().await;
@@ -109,7 +139,15 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
     let mut runner_env = otel.to_vec();
     runner_env.push(("BATON_SECRET_DEPLOY_KEY", KEY));
     let runner = BatonProcess::start_with_env(&["runner", "--nats-url", &url], &runner_env);
-    let run = start_run(&bus, "deploy-with-secrets", version, json!({"url": peer})).await;
+    // Whoever sends the input (or an event) can write a reference; an `emit` does not resolve it.
+    let note = format!("token: {}", baton_core::secrets::reference("api_token"));
+    let run = start_run(
+        &bus,
+        "deploy-with-secrets",
+        version,
+        json!({"url": peer, "note": note}),
+    )
+    .await;
     let log = || {
         format!(
             "coordinator:\n{}\nrunner:\n{}",
@@ -140,6 +178,12 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
         missing.message.contains("secret not_set is not set"),
         "{missing:?}"
     );
+    let relay = outcome("relay").unwrap().unwrap_err();
+    assert_eq!(relay.code.as_deref(), Some("bad-input"), "{relay:?}");
+    assert!(
+        relay.message.contains("cannot carry secrets") && relay.message.contains("api_token"),
+        "{relay:?}"
+    );
     // The request in the journal names the secret, not its value.
     let requested = journal
         .iter()
@@ -165,7 +209,7 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
             assert!(!text.contains(secret), "{secret} is in the {name} log");
         }
     }
-    // The run's spans: the run and its four attempts, none holding a value.
+    // The run's spans: the run and its five attempts, none holding a value.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let received = spans.lock().unwrap().len();

@@ -128,6 +128,12 @@ impl NatsServer {
         }
     }
 
+    /// A single node on a free port that is not running yet: its [`url`](Self::url) is known, and
+    /// [`restart`](Self::restart) starts it. For clients started before their server.
+    pub fn not_started() -> NatsServer {
+        NatsServer::new("single".into(), free_port(), Vec::new())
+    }
+
     fn new(name: String, port: u16, extra: Vec<String>) -> NatsServer {
         let store = tempfile::Builder::new()
             .prefix("baton-nats-")
@@ -426,6 +432,23 @@ impl BatonProcess {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGTERM, as a service manager stops it; returns its exit status, or `None` if it was still
+    /// running after `timeout` (then it is killed).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     /// Starts the same command again.

@@ -1,8 +1,19 @@
 //! `baton`: the command-line tool. Runs the dev stack and each service, and talks to a running Baton.
 
+// These shadow the standard macros in every module below (declared after them), so no output of
+// the CLI can panic on a closed pipe: see `out`.
+macro_rules! println {
+    () => { $crate::out::write(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::out::write(format_args!("{}\n", format_args!($($arg)*))) };
+}
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::out::write(format_args!($($arg)*)) };
+}
+
 mod deadletters;
 mod dev;
 mod events;
+mod out;
 mod runs;
 mod secrets;
 mod server;
@@ -49,12 +60,25 @@ pub(crate) struct Nats {
 }
 
 impl Nats {
-    async fn connect(&self, name: &str) -> anyhow::Result<baton_core::Bus> {
-        let topology = Topology {
+    fn topology(&self) -> Topology {
+        Topology {
             replicas: self.replicas,
             ..Topology::default()
-        };
-        Ok(baton_core::connect(&self.nats_url, name, &topology).await?)
+        }
+    }
+
+    /// For one-shot commands: fails at once, naming the server, when it cannot be reached.
+    async fn connect(&self, name: &str) -> anyhow::Result<baton_core::Bus> {
+        Ok(baton_core::connect(&self.nats_url, name, &self.topology()).await?)
+    }
+
+    /// For services: waits for the server until it is up or `shutdown` (`None`).
+    async fn connect_service(
+        &self,
+        name: &str,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<baton_core::Bus>> {
+        Ok(baton_core::connect_waiting(&self.nats_url, name, &self.topology(), shutdown).await?)
     }
 }
 
@@ -467,8 +491,10 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 "info,async_nats=warn",
                 &Service::new("baton", "baton"),
             );
-            let bus = nats.connect("baton").await?;
             let shutdown = baton_core::shutdown::on_signal();
+            let Some(bus) = nats.connect_service("baton", &shutdown).await? else {
+                return Ok(ExitCode::SUCCESS);
+            };
             let kinds: Vec<String> = baton_runner::kinds::builtin(bus.client.clone())
                 .into_keys()
                 .collect();
@@ -492,12 +518,14 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 "info,async_nats=warn",
                 &Service::new("baton-coordinator", "coordinator"),
             );
-            let bus = nats.connect("baton-coordinator").await?;
+            let shutdown = baton_core::shutdown::on_signal();
+            let Some(bus) = nats.connect_service("baton-coordinator", &shutdown).await? else {
+                return Ok(ExitCode::SUCCESS);
+            };
             let options = baton_coordinator::Options {
                 takeover_after: Duration::from_secs(takeover_after),
                 ..Default::default()
             };
-            let shutdown = baton_core::shutdown::on_signal();
             metrics.serve(&bus, consumers_of(bus.partitions, &[], false), &shutdown)?;
             baton_coordinator::Coordinator::new(bus, options)
                 .await?
@@ -517,13 +545,15 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 "info,async_nats=warn",
                 &Service::new("baton-runner", "runner"),
             );
-            let bus = nats.connect("baton-runner").await?;
+            let shutdown = baton_core::shutdown::on_signal();
+            let Some(bus) = nats.connect_service("baton-runner", &shutdown).await? else {
+                return Ok(ExitCode::SUCCESS);
+            };
             let options = baton_runner::Options {
                 concurrency,
                 ack_wait: Duration::from_secs(ack_wait),
                 ..Default::default()
             };
-            let shutdown = baton_core::shutdown::on_signal();
             let mut kinds = baton_runner::kinds::builtin(bus.client.clone());
             if !only.is_empty() {
                 let mut known: Vec<&String> = kinds.keys().collect();
@@ -557,8 +587,10 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 "info,async_nats=warn",
                 &Service::new("baton-gateway", "gateway"),
             );
-            let bus = nats.connect("baton-gateway").await?;
             let shutdown = baton_core::shutdown::on_signal();
+            let Some(bus) = nats.connect_service("baton-gateway", &shutdown).await? else {
+                return Ok(ExitCode::SUCCESS);
+            };
             metrics.serve(&bus, consumers_of(0, &[], true), &shutdown)?;
             let options = baton_gateway::Options {
                 http: Some(http.options()),

@@ -166,6 +166,11 @@ pub async fn apply(files: &[PathBuf], nats: &Nats) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<_>>()?;
     let bus = nats.connect("baton-cli").await?;
     let registry = Registry::open(&bus.js).await?;
+    for ((workflow, source), file) in loaded.iter().zip(files) {
+        registry
+            .check_size(&workflow.name, source)
+            .with_context(|| format!("{}: no file was applied", file.display()))?;
+    }
     for (workflow, source) in loaded {
         let triggers = workflow.triggers.iter().map(|t| t.ty.clone()).collect();
         let (version, created) = registry.apply(&workflow.name, &source, triggers).await?;

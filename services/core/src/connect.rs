@@ -18,11 +18,13 @@ pub struct Bus {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "cannot connect to NATS at {url}: {source}. Is nats-server running there? `baton dev` starts one."
+        "cannot connect to NATS at {url}: {error}. Is nats-server running there? `baton dev` \
+         starts one; NATS_URL (or `--nats-url`) names another server."
     )]
     Connect {
         url: String,
-        source: async_nats::ConnectError,
+        /// In the message, not a `source`: a report of the chain would repeat it after the remedy.
+        error: async_nats::ConnectError,
     },
     #[error(
         "the NATS server at {url} is version {found}; Baton needs {MIN_VERSION} or newer \
@@ -35,7 +37,9 @@ pub enum Error {
     Setup(#[from] streams::Error),
 }
 
-/// Connects to `url` (one URL, or several separated by commas for a cluster) as `name`, checks the server version, and ensures streams and buckets exist.
+/// Connects to `url` (one URL, or several separated by commas for a cluster) as `name`, checks the
+/// server version, and ensures streams and buckets exist. Fails at once when the server cannot be
+/// reached: for one-shot commands. Services start with [`connect_waiting`].
 pub async fn connect(url: &str, name: &str, topology: &Topology) -> Result<Bus, Error> {
     let client = async_nats::ConnectOptions::new()
         .name(name)
@@ -43,9 +47,9 @@ pub async fn connect(url: &str, name: &str, topology: &Topology) -> Result<Bus, 
         .max_reconnects(None)
         .connect(url.split(',').map(str::trim).collect::<Vec<_>>().as_slice())
         .await
-        .map_err(|source| Error::Connect {
+        .map_err(|error| Error::Connect {
             url: url.to_owned(),
-            source,
+            error,
         })?;
     let info = client.server_info();
     let found = Version::parse(&info.version);
@@ -67,6 +71,35 @@ pub async fn connect(url: &str, name: &str, topology: &Topology) -> Result<Bus, 
         js,
         partitions,
     })
+}
+
+/// Connects like [`connect`], but a service started before its NATS server (or while a cluster
+/// elects its leaders) waits for it: it retries with a backoff from 250 ms to 5 s, logging what it
+/// waits for, until connected, or until `shutdown` is cancelled (`Ok(None)`). A server that is too
+/// old or has no JetStream is an error at once, as waiting would not change it.
+pub async fn connect_waiting(
+    url: &str,
+    name: &str,
+    topology: &Topology,
+    shutdown: &crate::shutdown::CancellationToken,
+) -> Result<Option<Bus>, Error> {
+    let what = format!("reach NATS at {url}");
+    let connected = crate::shutdown::until_ok(&what, shutdown, || async {
+        match connect(url, name, topology).await {
+            Err(e @ (Error::Connect { .. } | Error::Setup(_))) => Err(e),
+            // Connected, or refused for a reason that waiting does not change.
+            done => Ok(done),
+        }
+    })
+    .await;
+    match connected {
+        Some(Ok(bus)) => {
+            tracing::info!(%url, "connected to NATS");
+            Ok(Some(bus))
+        }
+        Some(Err(e)) => Err(e),
+        None => Ok(None),
+    }
 }
 
 impl Bus {
@@ -91,5 +124,47 @@ impl Bus {
             ack.await.map_err(|e| crate::Error::publish(&e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shutdown::CancellationToken;
+    use std::time::Instant;
+
+    /// A service waiting for a server that never comes still stops when told to.
+    #[tokio::test]
+    async fn waiting_for_nats_ends_on_shutdown() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let url = format!("nats://127.0.0.1:{port}");
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            stop.cancel();
+        });
+        let began = Instant::now();
+        let bus = connect_waiting(&url, "test", &Topology::default(), &shutdown)
+            .await
+            .unwrap();
+        assert!(bus.is_none());
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            began.elapsed()
+        );
+        // A one-shot connection fails at once, naming the server and what to do.
+        let error = connect(&url, "test", &Topology::default())
+            .await
+            .unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains(&url) && message.contains("baton dev"),
+            "{message}"
+        );
     }
 }

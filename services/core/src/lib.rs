@@ -3,7 +3,7 @@
 //! - [`event`]: the CloudEvent envelope Baton uses for every message, and the types of its own events;
 //! - [`binding`]: the CloudEvents NATS protocol binding (binary out, binary or structured in);
 //! - [`subjects`] and [`streams`]: the subject layout, partitions, and idempotent stream set-up;
-//! - [`connect`]: connecting to NATS, refusing servers older than 2.12;
+//! - [`connect`]: connecting to NATS (services wait for it), refusing servers older than 2.12;
 //! - [`provision`]: finding or installing a suitable `nats-server` binary;
 //! - [`error`]: the error type with a kind (transient, permanent, invalid input) callers branch on;
 //! - [`runs`]: the index of runs, which makes a run id execute at most once;
@@ -29,5 +29,5 @@ pub mod trace;
 pub mod workflows;
 
 pub use cloudevents::Event;
-pub use connect::{Bus, connect};
+pub use connect::{Bus, connect, connect_waiting};
 pub use error::{Error, Kind};

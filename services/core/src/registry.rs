@@ -37,6 +37,17 @@ fn yes() -> bool {
 pub enum Error {
     #[error("workflow registry (KV bucket {WORKFLOWS_BUCKET}) is not reachable: {0}")]
     Unavailable(String),
+    #[error(
+        "workflow {name} is too large to store: {size} bytes, and the NATS server takes messages of \
+         at most {limit} bytes (its `max_payload`). Make the file smaller: move long scripts into \
+         files the steps run, or split the workflow into workflows started with `uses: workflow`; \
+         or raise `max_payload` in the server's configuration"
+    )]
+    TooLarge {
+        name: String,
+        size: usize,
+        limit: usize,
+    },
     #[error("workflow {name} was changed concurrently; try again")]
     Conflict { name: String },
     #[error("stored head of workflow {name} is corrupt: {reason}")]
@@ -50,9 +61,19 @@ impl From<Error> for crate::Error {
             Error::Unavailable(_) | Error::Conflict { .. } => {
                 crate::Error::transient(e.to_string())
             }
-            Error::Corrupt { .. } => crate::Error::permanent(e.to_string()),
+            Error::Corrupt { .. } | Error::TooLarge { .. } => {
+                crate::Error::permanent(e.to_string())
+            }
         }
     }
+}
+
+/// Whether a put failed because the value is over the server's `max_payload`.
+fn too_large(e: &kv::PutError) -> bool {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<jetstream::context::PublishError>())
+        .is_some_and(|p| p.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded)
 }
 
 /// Hex SHA-256 of a workflow's source text.
@@ -77,6 +98,8 @@ pub struct Version {
 #[derive(Clone)]
 pub struct Registry {
     kv: kv::Store,
+    /// For the server's `max_payload`, which bounds a version's size.
+    client: async_nats::Client,
 }
 
 impl Registry {
@@ -85,7 +108,24 @@ impl Registry {
             .get_key_value(WORKFLOWS_BUCKET)
             .await
             .map_err(|e| Error::Unavailable(e.to_string()))?;
-        Ok(Registry { kv })
+        Ok(Registry {
+            kv,
+            client: js.client(),
+        })
+    }
+
+    /// Whether `source` fits in one message of the server, as a version must: checked before
+    /// anything is written, so that an oversized file is named as such and stores nothing.
+    pub fn check_size(&self, name: &str, source: &str) -> Result<(), Error> {
+        let limit = self.client.server_info().max_payload;
+        if source.len() > limit {
+            return Err(Error::TooLarge {
+                name: name.to_owned(),
+                size: source.len(),
+                limit,
+            });
+        }
+        Ok(())
     }
 
     /// Stores `source` as a new version of `name` unless the latest version has the same content.
@@ -96,6 +136,7 @@ impl Registry {
         source: &str,
         triggers: Vec<String>,
     ) -> Result<(u64, bool), Error> {
+        self.check_size(name, source)?;
         let digest = digest(source);
         let head_key = format!("{name}.head");
         let current = self
@@ -132,7 +173,18 @@ impl Registry {
         self.kv
             .put(format!("{name}.v{version}"), source.to_owned().into())
             .await
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
+            .map_err(|e| {
+                // The server's limit can have changed since the check (a reconnect elsewhere).
+                if too_large(&e) {
+                    Error::TooLarge {
+                        name: name.to_owned(),
+                        size: source.len(),
+                        limit: self.client.server_info().max_payload,
+                    }
+                } else {
+                    Error::Unavailable(e.to_string())
+                }
+            })?;
         let new_head = Head {
             name: name.to_owned(),
             version,

@@ -31,9 +31,9 @@ async fn signal() {
 }
 
 /// Runs `op` until it succeeds, backing off from 250 ms to 5 s, or until `shutdown` is cancelled
-/// (`None`). For the requests a service makes when it starts (getting a stream, creating its
-/// consumers): while a cluster elects a leader they time out, and the service waits for the cluster
-/// instead of exiting.
+/// (`None`, also while an attempt is under way, so that a stop is prompt). For what a service does
+/// when it starts (connecting, getting a stream, creating its consumers): while the server is not
+/// up yet or a cluster elects a leader they fail, and the service waits instead of exiting.
 pub async fn until_ok<T, E, Fut>(
     what: &str,
     shutdown: &CancellationToken,
@@ -45,7 +45,11 @@ where
 {
     let mut pause = std::time::Duration::from_millis(250);
     loop {
-        match op().await {
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            outcome = op() => outcome,
+        };
+        match outcome {
             Ok(v) => return Some(v),
             Err(error) => {
                 tracing::warn!(%error, "cannot {what} yet; retrying in {pause:?}");

@@ -84,6 +84,21 @@ pub enum Error {
     BadKind(String),
 }
 
+/// The permanent error of an `emit` step whose input references secrets `names`.
+fn emit_with_secrets(names: &std::collections::BTreeSet<String>) -> StepError {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    StepError {
+        message: format!(
+            "the event of an `emit` step cannot carry secrets, and its input references {}: an \
+             event is stored in clear in BATON_EVENTS, so Baton does not resolve secrets in it. \
+             Let the step that uses the secret read `.secrets.<name>` in its own `with`",
+            names.join(", ")
+        ),
+        retryable: false,
+        code: Some("bad-input".into()),
+    }
+}
+
 fn jserr<E: std::fmt::Display>(e: E) -> Error {
     Error::JetStream(e.to_string())
 }
@@ -394,6 +409,12 @@ impl Worker {
         let mut input = attempt.request.input.clone();
         let mut resolved = std::collections::BTreeMap::new();
         let names = secrets::referenced(&input);
+        if !names.is_empty() && attempt.request.kind == kinds::EMIT {
+            // An event is stored in clear in BATON_EVENTS and read by every workflow it starts, so
+            // a secret is never resolved into one. Workflows that read `.secrets` in an `emit` are
+            // refused when applied; this catches references that arrive as data (an event's).
+            return Err(emit_with_secrets(&names));
+        }
         if !names.is_empty() {
             let store = secrets::Store::open(&self.bus.js).await;
             for name in names {

@@ -408,7 +408,8 @@ impl Service {
         Ok(())
     }
 
-    /// Sets up logging, connects and runs until Ctrl-C or SIGTERM. The environment:
+    /// Sets up logging, connects (waiting for NATS while it is not up) and runs until Ctrl-C or
+    /// SIGTERM. The environment:
     ///
     /// | variable | default | meaning |
     /// |---|---|---|
@@ -450,9 +451,13 @@ impl Service {
             replicas,
             ..Topology::default()
         };
-        let bus =
-            baton_core::connect(&url, &format!("baton-service-{}", self.kind), &topology).await?;
         let shutdown = baton_core::shutdown::on_signal();
+        let name = format!("baton-service-{}", self.kind);
+        // Started before NATS (or with it, in a compose file): wait for it like Baton's services.
+        let Some(bus) = baton_core::connect_waiting(&url, &name, &topology, &shutdown).await?
+        else {
+            return Ok(());
+        };
         self.run(bus, shutdown).await
     }
 }

@@ -133,6 +133,8 @@ struct Scope {
     roots: &'static [&'static str],
     /// Whether the step's own outputs may be read (its compensation).
     own: bool,
+    /// The `with` of an `emit` step: its event is stored in clear, so it may not read secrets.
+    emit: bool,
 }
 
 struct RefSite {
@@ -642,6 +644,7 @@ impl<'s> Compiler<'s> {
             step: None,
             roots: RUN_ROOTS,
             own: false,
+            emit: false,
         }
     }
 
@@ -683,6 +686,7 @@ impl<'s> Compiler<'s> {
                 step: None,
                 roots: &[],
                 own: false,
+                emit: false,
             };
             let filter = obj
                 .get("filter")
@@ -870,6 +874,7 @@ impl<'s> Compiler<'s> {
             step: None,
             roots: START_ROOTS,
             own: false,
+            emit: false,
         };
         let key = obj
             .get("key")
@@ -964,11 +969,13 @@ impl<'s> Compiler<'s> {
             step: Some(i),
             roots,
             own: false,
+            emit: false,
         };
         let run_scope = Scope {
             step: Some(i),
             roots: RUN_ROOTS,
             own: false,
+            emit: false,
         };
         let needs = match obj.get("needs") {
             // Without `needs`, a step runs after the one above it.
@@ -1007,6 +1014,7 @@ impl<'s> Compiler<'s> {
                     } else {
                         WITH_ROOTS
                     },
+                    emit: matches!(uses, Some((Uses::Builtin(Builtin::Emit), _))),
                     ..scope
                 };
                 (self.template(n, &with_at, with_scope), Some(Action::Run))
@@ -1027,6 +1035,7 @@ impl<'s> Compiler<'s> {
                     step: Some(i),
                     roots: output_roots,
                     own: false,
+                    emit: false,
                 },
             ))
         });
@@ -1284,6 +1293,7 @@ impl<'s> Compiler<'s> {
                 WITH_ROOTS
             },
             own: true,
+            emit: matches!(uses, Some((Uses::Builtin(Builtin::Emit), _))),
         };
         let with = match obj.get("with") {
             Some(n) => self.template(n, &obj.path("with"), scope),
@@ -1324,6 +1334,7 @@ impl<'s> Compiler<'s> {
                     step: Some(step),
                     roots: RUN_ROOTS,
                     own: false,
+                    emit: false,
                 },
             )
         });
@@ -1386,6 +1397,7 @@ impl<'s> Compiler<'s> {
                     step: None,
                     roots: &[],
                     own: false,
+                    emit: false,
                 };
                 let event_key = obj
                     .get("event-key")
@@ -1507,6 +1519,23 @@ impl<'s> Compiler<'s> {
                         &site.site.at,
                         format!("`.{root}` is not in the context of this expression"),
                         Some(hint),
+                    );
+                    continue;
+                }
+                if root == "secrets" && site.scope.emit {
+                    let p = pos(self, root_at);
+                    self.problem_at(
+                        p,
+                        &site.site.at,
+                        "an `emit` step cannot read secrets: its event is stored in clear in \
+                         BATON_EVENTS and handed to every workflow it starts"
+                            .into(),
+                        Some(
+                            "send what the receiver needs to know, not the secret: the step that \
+                             uses the secret (`http`, `exec`, a step service) reads `.secrets.<name>` \
+                             in its own `with`"
+                                .into(),
+                        ),
                     );
                     continue;
                 }

@@ -27,13 +27,16 @@ pub use emit::emit;
 pub use exec::exec;
 pub use http::{cloudevent, http};
 
+/// The kind of [`emit()`], whose input the runner never resolves secrets into.
+pub const EMIT: &str = "emit";
+
 /// Every built-in kind, by name. `nats` sends its requests over `client`; `http` and `cloudevent`
 /// share one pool of HTTP connections.
 pub fn builtin(client: async_nats::Client) -> HashMap<String, Handler> {
     let clients = Arc::new(http::Clients::default());
     HashMap::from([
         ("echo".to_owned(), echo()),
-        ("emit".to_owned(), emit(client.clone())),
+        (EMIT.to_owned(), emit(client.clone())),
         ("nats".to_owned(), nats(client)),
         ("http".to_owned(), http::handler(clients.clone(), false)),
         ("cloudevent".to_owned(), http::handler(clients, true)),
