@@ -467,6 +467,8 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 "info,async_nats=warn",
                 &Service::new("baton", "baton"),
             );
+            // Bound first: a port in use ends the command at once, before anything starts.
+            let server = baton_gateway::http::Server::bind(http.options()).await?;
             let bus = nats.connect("baton").await?;
             let shutdown = baton_core::shutdown::on_signal();
             let kinds: Vec<String> = baton_runner::kinds::builtin(bus.client.clone())
@@ -475,7 +477,7 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             metrics.serve(&bus, consumers_of(bus.partitions, &kinds, true), &shutdown)?;
             run_services(
                 bus,
-                Some(http.options()),
+                Some(server),
                 Duration::from_secs(runner_ack_wait),
                 shutdown,
             )
@@ -557,13 +559,12 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 "info,async_nats=warn",
                 &Service::new("baton-gateway", "gateway"),
             );
+            // Bound first: a port in use ends the command at once, before anything starts.
+            let server = baton_gateway::http::Server::bind(http.options()).await?;
             let bus = nats.connect("baton-gateway").await?;
             let shutdown = baton_core::shutdown::on_signal();
             metrics.serve(&bus, consumers_of(0, &[], true), &shutdown)?;
-            let options = baton_gateway::Options {
-                http: Some(http.options()),
-            };
-            baton_gateway::run(bus, options, shutdown).await?;
+            baton_gateway::run(bus, Some(server), shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Approve(d) => decide(format, d, true).await,
@@ -636,7 +637,7 @@ fn exit_code(ending: baton_core::event::Ending) -> std::process::ExitCode {
 /// Runs every Baton service in this process until `shutdown` is cancelled.
 pub(crate) async fn run_services(
     bus: baton_core::Bus,
-    http: Option<baton_gateway::HttpOptions>,
+    http: Option<baton_gateway::http::Server>,
     runner_ack_wait: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -674,9 +675,8 @@ pub(crate) async fn run_services(
             )
         },
         async {
-            let options = baton_gateway::Options { http };
             stop_all(
-                baton_gateway::run(bus.clone(), options, shutdown.clone())
+                baton_gateway::run(bus.clone(), http, shutdown.clone())
                     .await
                     .map_err(|e| format!("gateway: {e}")),
             )
