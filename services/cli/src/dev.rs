@@ -52,12 +52,6 @@ pub struct Options {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
-    let home = baton_core::provision::default_home();
-    let server = tokio::task::spawn_blocking({
-        let home = home.clone();
-        move || baton_core::provision::find_or_install(&home)
-    })
-    .await??;
     // The gateway's port is bound before anything starts: in use, the command ends at once.
     let github_secret =
         std::env::var("BATON_GITHUB_SECRET").unwrap_or_else(|_| DEV_GITHUB_SECRET.to_owned());
@@ -69,6 +63,12 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
         allowed_origins: Vec::new(),
     })
     .await?;
+    let home = baton_core::provision::default_home();
+    let server = tokio::task::spawn_blocking({
+        let home = home.clone();
+        move || baton_core::provision::find_or_install(&home)
+    })
+    .await??;
     let data_dir = options.data_dir.unwrap_or_else(|| home.join("dev"));
     let nats = NatsProcess::start(&server.path, &data_dir.join("jetstream"), options.port).await?;
     let result = serve(

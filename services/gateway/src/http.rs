@@ -77,7 +77,7 @@ impl Server {
         let addr = options.listen;
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| Error::Listen { addr, source })?;
+            .map_err(|error| Error::Listen { addr, error })?;
         Ok(Server { listener, options })
     }
 

@@ -54,11 +54,12 @@ impl Rejection {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "cannot listen on {addr}: {source}. Is another process using the port? Choose another with --http."
+        "cannot listen on {addr}: {error}. Is another process using the port? Choose another with --http."
     )]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        // Not `source`: the message holds it already, and `{:#}` would print it twice.
+        error: std::io::Error,
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
