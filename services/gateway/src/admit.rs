@@ -65,17 +65,20 @@ impl Limits {
 pub fn check(event: &Event, limits: &Limits) -> Result<(), Rejection> {
     let (headers, body) = ingress::message(event);
     round_trip(event, &headers, &body)?;
-    fits(&headers, body.len(), limits, "the event", "")?;
-    let (headers, body) = run_request(event);
+    fits(&headers, body.len(), limits, "the event", String::new)?;
+    let (run_headers, run_body) = run_request(event);
     fits(
-        &headers,
-        body.len() + RESERVED,
+        &run_headers,
+        run_body.len() + RESERVED,
         limits,
         "the run request that would embed the event",
-        &format!(
-            " (a run request holds the whole event as its `trigger`, plus about {} bytes, {RESERVED} of them reserved for flow control)",
-            run_overhead(event)
-        ),
+        || {
+            let overhead = (header_bytes(&run_headers) + run_body.len() + RESERVED)
+                .saturating_sub(header_bytes(&headers) + body.len());
+            format!(
+                " (a run request holds the whole event as its `trigger`, plus about {overhead} bytes, {RESERVED} of them reserved for flow control)"
+            )
+        },
     )
 }
 
@@ -156,7 +159,7 @@ fn fits(
     body: usize,
     limits: &Limits,
     what: &str,
-    why: &str,
+    why: impl FnOnce() -> String,
 ) -> Result<(), Rejection> {
     let head = header_bytes(headers);
     if head > MAX_HEADER_BYTES {
@@ -181,7 +184,8 @@ fn fits(
         return Err(Rejection::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "{what} is {size} bytes{why}; the limit is {}: send less data (a link to it, say), or raise both limits",
+                "{what} is {size} bytes{}; the limit is {}: send less data (a link to it, say), or raise both limits",
+                why(),
                 limits.describe()
             ),
         ));
@@ -208,18 +212,18 @@ fn run_request(event: &Event) -> (HeaderMap, Bytes) {
     binding::encode(&request.to_cloudevent(crate::triggers::SOURCE, &trace))
 }
 
-/// What a run request adds to the event it embeds, for the message that says so.
-fn run_overhead(event: &Event) -> usize {
-    let (headers, body) = ingress::message(event);
-    let (run_headers, run_body) = run_request(event);
-    (header_bytes(&run_headers) + run_body.len() + RESERVED)
-        .saturating_sub(header_bytes(&headers) + body.len())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use cloudevents::{EventBuilder, EventBuilderV10};
+
+    /// What a run request adds to the event it embeds.
+    fn run_overhead(event: &Event) -> usize {
+        let (headers, body) = ingress::message(event);
+        let (run_headers, run_body) = run_request(event);
+        (header_bytes(&run_headers) + run_body.len() + RESERVED)
+            .saturating_sub(header_bytes(&headers) + body.len())
+    }
 
     const LIMITS: Limits = Limits {
         max_event_bytes: 64 * 1024,

@@ -118,7 +118,7 @@ impl IntoResponse for Rejection {
             StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            // The body was not read: the connection cannot carry another request.
+            // The body may not have been read: the connection cannot carry another request.
             StatusCode::PAYLOAD_TOO_LARGE => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }

@@ -28,7 +28,8 @@ pub struct HttpOptions {
     pub token: Option<String>,
     /// The secret GitHub signs deliveries with; `None` disables `/webhooks/github`.
     pub github_secret: Option<String>,
-    /// Largest request body accepted.
+    /// Largest request body accepted, and `BATON_MAX_EVENT_BYTES`: the largest message (an event,
+    /// the run request that embeds it) every Baton decoder accepts ([`admit::Limits`]).
     pub max_bytes: usize,
     /// Origins that pass the webhook handshake; empty: any.
     pub allowed_origins: Vec<String>,
