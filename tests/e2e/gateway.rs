@@ -453,6 +453,33 @@ async fn bad_requests_are_refused_with_the_reason() {
     );
 }
 
+/// `baton gateway` and `baton serve` whose HTTP port is taken exit at once, non-zero, naming the
+/// address (they used to run on without HTTP and say so only when stopped).
+#[tokio::test]
+async fn a_gateway_whose_port_is_taken_exits_at_once_naming_the_address() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for command in ["gateway", "serve"] {
+        let mut process = BatonProcess::start(&[command, "--nats-url", &url, "--http", &addr]);
+        let started = Instant::now();
+        let Some(status) = process.wait_timeout(Duration::from_secs(5)) else {
+            panic!(
+                "baton {command} still runs 5 s after starting on a taken port:\n{}",
+                process.log()
+            );
+        };
+        let log = process.log();
+        assert!(!status.success(), "baton {command}: {status}\n{log}");
+        assert!(
+            log.contains(&format!("cannot listen on {addr}")) && log.contains("in use"),
+            "baton {command} does not say which address is in use:\n{log}"
+        );
+        eprintln!("baton {command} exited after {:?}", started.elapsed());
+    }
+}
+
 /// Derived from the firing fixture: its first alert alone, started at `starts` (a new firing).
 fn one_alert(firing: &Value, starts: &str) -> String {
     let mut n = firing.clone();

@@ -52,6 +52,17 @@ pub struct Options {
 }
 
 pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
+    // The gateway's port is bound before anything starts: in use, the command ends at once.
+    let github_secret =
+        std::env::var("BATON_GITHUB_SECRET").unwrap_or_else(|_| DEV_GITHUB_SECRET.to_owned());
+    let gateway = baton_gateway::http::Server::bind(baton_gateway::HttpOptions {
+        listen: options.http,
+        token: None,
+        github_secret: Some(github_secret.clone()),
+        max_bytes: baton_core::binding::Limits::default().max_bytes,
+        allowed_origins: Vec::new(),
+    })
+    .await?;
     let home = baton_core::provision::default_home();
     let server = tokio::task::spawn_blocking({
         let home = home.clone();
@@ -60,7 +71,15 @@ pub async fn run(options: Options) -> anyhow::Result<ExitCode> {
     .await??;
     let data_dir = options.data_dir.unwrap_or_else(|| home.join("dev"));
     let nats = NatsProcess::start(&server.path, &data_dir.join("jetstream"), options.port).await?;
-    let result = serve(&nats.url, &server, &data_dir, options.http, options.demo).await;
+    let result = serve(
+        &nats.url,
+        &server,
+        &data_dir,
+        gateway,
+        &github_secret,
+        options.demo,
+    )
+    .await;
     nats.stop().await;
     result
 }
@@ -69,9 +88,11 @@ async fn serve(
     url: &str,
     server: &baton_core::provision::Server,
     data_dir: &std::path::Path,
-    http: SocketAddr,
+    gateway: baton_gateway::http::Server,
+    github_secret: &str,
     demo: bool,
 ) -> anyhow::Result<ExitCode> {
+    let http = gateway.local_addr();
     let bus = baton_core::connect(url, "baton-dev", &Topology::default()).await?;
     println!("Baton dev stack");
     println!(
@@ -104,18 +125,9 @@ async fn serve(
 
     let shutdown = baton_core::shutdown::on_signal();
     // The dev stack accepts webhooks without a token; GitHub deliveries are signed with this secret.
-    let github_secret =
-        std::env::var("BATON_GITHUB_SECRET").unwrap_or_else(|_| DEV_GITHUB_SECRET.to_owned());
     println!(
         "  gateway on http://{http}: /events (CloudEvents), /webhooks/github (secret {github_secret:?}), /webhooks/alertmanager, /healthz, /readyz"
     );
-    let gateway = baton_gateway::HttpOptions {
-        listen: http,
-        token: None,
-        github_secret: Some(github_secret.clone()),
-        max_bytes: baton_core::binding::Limits::default().max_bytes,
-        allowed_origins: Vec::new(),
-    };
     let services = tokio::spawn(run_services(
         bus.clone(),
         Some(gateway),
@@ -123,7 +135,7 @@ async fn serve(
         shutdown.clone(),
     ));
     let code = if demo {
-        let result = run_demo(&bus, http, &github_secret).await;
+        let result = run_demo(&bus, http, github_secret).await;
         shutdown.cancel();
         result?
     } else {

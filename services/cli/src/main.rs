@@ -491,6 +491,8 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 "info,async_nats=warn",
                 &Service::new("baton", "baton"),
             );
+            // Bound first: a port in use ends the command at once, before anything starts.
+            let server = baton_gateway::http::Server::bind(http.options()).await?;
             let shutdown = baton_core::shutdown::on_signal();
             let Some(bus) = nats.connect_service("baton", &shutdown).await? else {
                 return Ok(ExitCode::SUCCESS);
@@ -501,7 +503,7 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
             metrics.serve(&bus, consumers_of(bus.partitions, &kinds, true), &shutdown)?;
             run_services(
                 bus,
-                Some(http.options()),
+                Some(server),
                 Duration::from_secs(runner_ack_wait),
                 shutdown,
             )
@@ -587,15 +589,14 @@ async fn run(command: Command, format: LogFormat) -> anyhow::Result<std::process
                 "info,async_nats=warn",
                 &Service::new("baton-gateway", "gateway"),
             );
+            // Bound first: a port in use ends the command at once, before anything starts.
+            let server = baton_gateway::http::Server::bind(http.options()).await?;
             let shutdown = baton_core::shutdown::on_signal();
             let Some(bus) = nats.connect_service("baton-gateway", &shutdown).await? else {
                 return Ok(ExitCode::SUCCESS);
             };
             metrics.serve(&bus, consumers_of(0, &[], true), &shutdown)?;
-            let options = baton_gateway::Options {
-                http: Some(http.options()),
-            };
-            baton_gateway::run(bus, options, shutdown).await?;
+            baton_gateway::run(bus, Some(server), shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Approve(d) => decide(format, d, true).await,
@@ -668,7 +669,7 @@ fn exit_code(ending: baton_core::event::Ending) -> std::process::ExitCode {
 /// Runs every Baton service in this process until `shutdown` is cancelled.
 pub(crate) async fn run_services(
     bus: baton_core::Bus,
-    http: Option<baton_gateway::HttpOptions>,
+    http: Option<baton_gateway::http::Server>,
     runner_ack_wait: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -706,9 +707,8 @@ pub(crate) async fn run_services(
             )
         },
         async {
-            let options = baton_gateway::Options { http };
             stop_all(
-                baton_gateway::run(bus.clone(), options, shutdown.clone())
+                baton_gateway::run(bus.clone(), http, shutdown.clone())
                     .await
                     .map_err(|e| format!("gateway: {e}")),
             )

@@ -3,7 +3,7 @@
 //! - `type`: `io.prometheus.alertmanager.alert.firing` or `.resolved`, from the alert's own status
 //!   (a group that is `firing` can hold resolved alerts);
 //! - `subject`: the alert's fingerprint, the key of everything that follows (waits, flow control);
-//! - `source`: the Alertmanager's `externalURL`;
+//! - `source`: the Alertmanager's `externalURL` (control characters percent-encoded, as in a URI);
 //! - `id`: a hash of fingerprint, status and start (and end, once resolved), so a notification that
 //!   Alertmanager repeats is the same event, and a new firing of the alert is a new one;
 //! - `data`: the alert (`status`, `labels`, `annotations`, `startsAt`, `endsAt`, `generatorURL`,
@@ -17,6 +17,7 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::Rejection;
+use crate::admit::escape_controls;
 
 pub const FIRING: &str = "io.prometheus.alertmanager.alert.firing";
 pub const RESOLVED: &str = "io.prometheus.alertmanager.alert.resolved";
@@ -45,7 +46,7 @@ pub fn events(body: &[u8]) -> Result<Vec<Event>, Rejection> {
         .get("externalURL")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
-        .unwrap_or("alertmanager");
+        .map_or_else(|| "alertmanager".to_owned(), escape_controls);
     let group: Map<String, Value> = [
         "receiver",
         "status",
@@ -103,7 +104,7 @@ pub fn events(body: &[u8]) -> Result<Vec<Event>, Rejection> {
         let mut builder = EventBuilderV10::new()
             .id(id)
             .ty(ty)
-            .source(source)
+            .source(source.as_str())
             .subject(fingerprint)
             .data("application/json", json!(data));
         if let Ok(time) = DateTime::parse_from_rfc3339(time) {
@@ -184,6 +185,20 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// An `externalURL` with a control character is kept, percent-encoded as a URI carries it:
+    /// stored as it was, the trigger consumer could not decode it.
+    #[test]
+    fn a_control_character_in_the_external_url_is_percent_encoded() {
+        let body = br#"{"version":"4","externalURL":"http://am\u007f:9093","alerts":[{"fingerprint":"ab","status":"firing","startsAt":"2026-01-01T00:00:00Z"}]}"#;
+        let events = events(body).unwrap();
+        assert_eq!(events[0].source().as_str(), "http://am%7F:9093");
+        let limits = crate::admit::Limits {
+            max_event_bytes: 1 << 20,
+            max_payload: 1 << 20,
+        };
+        crate::admit::check(&events[0], &limits).unwrap();
     }
 
     /// Found by fuzzing: a fingerprint with a line break made an event id that panicked

@@ -2,6 +2,10 @@
 //! as the CloudEvents GitHub adapter specifies: `id` is `X-GitHub-Delivery`, `type` is
 //! `com.github.<event>[.<action>]`, `source` and `subject` come from the payload. The data is the
 //! request body, byte for byte.
+//!
+//! CloudEvents strings hold no control characters. One in a payload field that makes the `source`
+//! or `subject` is percent-encoded (`%7F`), keeping the event; one in the delivery id or in a field
+//! that makes the `type` refuses the delivery with `400`, naming the field.
 
 use chrono::{DateTime, Utc};
 use cloudevents::{Event, EventBuilder, EventBuilderV10};
@@ -11,6 +15,7 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use crate::Rejection;
+use crate::admit::{control_character, escape_controls};
 
 /// What a delivery is, once checked.
 #[derive(Debug)]
@@ -198,22 +203,31 @@ pub fn delivery(headers: &HeaderMap, body: &[u8]) -> Result<Delivery, Rejection>
             "GitHub event `{event}` has no CloudEvents mapping in the GitHub adapter; nothing was published"
         )));
     };
+    if let Some(c) = control_character(id) {
+        return Err(bad(format!(
+            "X-GitHub-Delivery contains the control character {c}; GitHub sends a GUID, and a CloudEvent id may not hold one"
+        )));
+    }
     let missing = |path: &str, what: &str| {
         bad(format!(
             "the `{event}` delivery has no `{path}`, which the CloudEvent {what} is made of"
         ))
     };
+    // A part of the type: a word GitHub chose (`published`, `tag`); refused, not encoded, as a
+    // type with an escape in it would match no trigger.
+    let part = |path: &str| {
+        let value = at(&payload, path).ok_or_else(|| missing(path, "type"))?;
+        match control_character(&value) {
+            None => Ok(value),
+            Some(c) => Err(bad(format!(
+                "`{path}` of the `{event}` delivery contains the control character {c}; the CloudEvent type is made of it and may not hold one"
+            ))),
+        }
+    };
     let ty = match suffix {
         Suffix::None => format!("com.github.{event}"),
-        Field(path) => format!(
-            "com.github.{event}.{}",
-            at(&payload, path).ok_or_else(|| missing(path, "type"))?
-        ),
-        ScopeAction => format!(
-            "com.github.{event}.{}.{}",
-            at(&payload, "scope").ok_or_else(|| missing("scope", "type"))?,
-            at(&payload, "action").ok_or_else(|| missing("action", "type"))?
-        ),
+        Field(path) => format!("com.github.{event}.{}", part(path)?),
+        ScopeAction => format!("com.github.{event}.{}.{}", part("scope")?, part("action")?),
     };
     let source = match source {
         Path(path) => at(&payload, path).ok_or_else(|| missing(path, "source"))?,
@@ -230,6 +244,8 @@ pub fn delivery(headers: &HeaderMap, body: &[u8]) -> Result<Delivery, Rejection>
         }
         Source::Fixed(s) => s.to_owned(),
     };
+    // Source (a URI) and subject are kept with their control characters percent-encoded.
+    let source = escape_controls(&source);
     let time = times
         .iter()
         .find_map(|p| at(&payload, p))
@@ -242,7 +258,7 @@ pub fn delivery(headers: &HeaderMap, body: &[u8]) -> Result<Delivery, Rejection>
         .time(time)
         .data("application/json", body.to_vec());
     if let Some(subject) = subject.and_then(|p| at(&payload, p)) {
-        builder = builder.subject(subject);
+        builder = builder.subject(escape_controls(&subject));
     }
     let event = builder
         .build()
@@ -377,6 +393,74 @@ mod tests {
             panic!("unknown events are ignored")
         };
         assert!(why.contains("fancy_new_event"), "{why}");
+    }
+
+    /// Found by the property test (`github_verify_and_delivery_never_panic`): deliveries with
+    /// control characters in fields the event is made of were answered 202, then dead-lettered by
+    /// the trigger consumer, whose binding refuses them.
+    #[test]
+    fn control_characters_are_encoded_in_source_and_subject_and_refused_elsewhere() {
+        use crate::admit::{Limits, check};
+        let limits = Limits {
+            max_event_bytes: 1 << 20,
+            max_payload: 1 << 20,
+        };
+        let with = |file: &str, path: &[&str], value: &str| {
+            let mut payload: Value = serde_json::from_slice(&fixture(file)).unwrap();
+            let (last, parents) = path.split_last().unwrap();
+            let mut at = &mut payload;
+            for p in parents {
+                at = &mut at[*p];
+            }
+            at[*last] = Value::String(value.to_owned());
+            serde_json::to_vec(&payload).unwrap()
+        };
+        let release = "github/payloads/release__published.json";
+        // A DEL in repository.url: kept, percent-encoded as a URI carries it.
+        let body = with(
+            release,
+            &["repository", "url"],
+            "https://api.github.com/repos/a\u{7f}b",
+        );
+        let Delivery::Event(event) = delivery(&headers("release"), &body).unwrap() else {
+            panic!("an event")
+        };
+        assert_eq!(
+            event.source().as_str(),
+            "https://api.github.com/repos/a%7Fb"
+        );
+        check(&event, &limits).unwrap();
+        // U+0001 in a ref (the push subject): kept, percent-encoded.
+        let push = with(
+            "github/payloads/push__payload.json",
+            &["ref"],
+            "refs/heads/a\u{1}b",
+        );
+        let Delivery::Event(event) = delivery(&headers("push"), &push).unwrap() else {
+            panic!("an event")
+        };
+        assert_eq!(event.subject(), Some("refs/heads/a%01b"));
+        check(&event, &limits).unwrap();
+        // A line break in the action, part of the type: refused, naming the field.
+        let body = with(release, &["action"], "published\n");
+        let refused = delivery(&headers("release"), &body).unwrap_err();
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        assert!(
+            refused.message.starts_with(
+                "`action` of the `release` delivery contains the control character U+000A"
+            ),
+            "{refused:?}"
+        );
+        // A TAB in the delivery id (HTTP allows one in a header value): refused.
+        let mut tabbed = headers("release");
+        tabbed.insert("x-github-delivery", "72d3162e\tcc78".parse().unwrap());
+        let refused = delivery(&tabbed, &fixture(release)).unwrap_err();
+        assert!(
+            refused
+                .message
+                .starts_with("X-GitHub-Delivery contains the control character U+0009"),
+            "{refused:?}"
+        );
     }
 
     #[test]

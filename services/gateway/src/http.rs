@@ -2,8 +2,14 @@
 //! webhooks, the CloudEvents webhook abuse-protection handshake, health and readiness.
 //!
 //! Every accepted request is answered only after JetStream stored its events: `202` then means the
-//! events are durable, and any failure before that is a `503` with `Retry-After`, so the sender
-//! retries and nothing it sent is lost (a retry of stored events is dropped as a duplicate).
+//! events are durable. Before storing, every event passes the checks of [`admit`]: a request that
+//! can never succeed (an event the bus would refuse, or whose run request would not fit) gets a
+//! `4xx` naming the field and the reason. A failure that may pass (JetStream not answering) is a
+//! `503` with `Retry-After`, so the sender retries and nothing it sent is lost (a retry of stored
+//! events is dropped as a duplicate).
+//!
+//! One request cannot starve the others: a batch holds at most [`MAX_BATCH`] events, and requests
+//! share the publish-ack slots chunk by chunk ([`ingress::store_sharing`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,16 +27,31 @@ use cloudevents::Event;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::{Error, HttpOptions, Rejection, alertmanager, github, ingress};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::{Error, HttpOptions, Rejection, admit, alertmanager, github, ingress};
+
+/// The most events one batch (`application/cloudevents-batch+json`) may hold.
+pub const MAX_BATCH: usize = 1_000;
+
+/// Publish-ack slots the requests of one gateway share: well under the JetStream context's 5,000,
+/// which the trigger consumer uses too.
+const SLOTS: usize = 4 * ingress::CHUNK;
 
 struct Gateway {
     bus: Bus,
     options: HttpOptions,
+    slots: Semaphore,
 }
 
 /// The gateway's routes.
 pub fn router(bus: Bus, options: HttpOptions) -> Router {
-    let state = Arc::new(Gateway { bus, options });
+    let state = Arc::new(Gateway {
+        bus,
+        options,
+        slots: Semaphore::new(SLOTS),
+    });
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -43,21 +64,36 @@ pub fn router(bus: Bus, options: HttpOptions) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` is cancelled; requests in flight are finished first.
-pub async fn serve(
-    addr: SocketAddr,
-    bus: Bus,
+/// The HTTP server with its port bound, not serving yet.
+pub struct Server {
+    listener: TcpListener,
     options: HttpOptions,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Listen { addr, source })?;
-    tracing::info!(%addr, "gateway listening");
-    axum::serve(listener, router(bus, options))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(Error::Serve)
+}
+
+impl Server {
+    /// Binds `options.listen`. Done before anything else starts, so that a port in use is an
+    /// error at once, not a gateway that runs without HTTP.
+    pub async fn bind(options: HttpOptions) -> Result<Server, Error> {
+        let addr = options.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|error| Error::Listen { addr, error })?;
+        Ok(Server { listener, options })
+    }
+
+    /// The address bound (its port, when `listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.options.listen)
+    }
+
+    /// Serves until `shutdown` is cancelled; requests in flight are finished first.
+    pub async fn serve(self, bus: Bus, shutdown: CancellationToken) -> Result<(), Error> {
+        tracing::info!(addr = %self.local_addr(), "gateway listening");
+        axum::serve(self.listener, router(bus, self.options))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .map_err(Error::Serve)
+    }
 }
 
 /// Ready when NATS is connected.
@@ -82,7 +118,7 @@ impl IntoResponse for Rejection {
             StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            // The body was not read: the connection cannot carry another request.
+            // The body may not have been read: the connection cannot carry another request.
             StatusCode::PAYLOAD_TOO_LARGE => {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -105,6 +141,8 @@ async fn cloudevents(
         max_bytes: g.options.max_bytes,
     };
     let events = binding::http::decode(&limits, &headers, &body).map_err(|e| {
+        // The CloudEvents HTTP binding: 415 for a content type it does not support, 400 for a
+        // malformed event in one it does (structured, batch, binary).
         let status = match &e {
             binding::Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             binding::Error::MediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -115,12 +153,29 @@ async fn cloudevents(
         };
         Rejection::new(status, e.to_string())
     })?;
+    if events.len() > MAX_BATCH {
+        return Err(Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the batch holds {} events; the gateway takes at most {MAX_BATCH} per request: send it in several",
+                events.len()
+            ),
+        ));
+    }
     g.accept("http", events, &headers).await
 }
 
-/// A `Content-Type` that is neither a CloudEvents format nor accompanied by `ce-*` headers.
+/// A `Content-Type` that is not a CloudEvents format and has no `ce-*` headers with it: not binary
+/// mode, not structured mode.
 fn has_foreign_content_type(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::CONTENT_TYPE) && !headers.contains_key("ce-specversion")
+    let cloudevents = content_type(headers).is_some_and(|ct| {
+        ct.trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/cloudevents")
+    });
+    headers.contains_key(header::CONTENT_TYPE)
+        && !cloudevents
+        && !headers.contains_key("ce-specversion")
 }
 
 /// `POST /webhooks/github`.
@@ -226,6 +281,14 @@ async fn handshake(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Respons
         .into_response()
 }
 
+/// The token of an `Authorization` value of the `Bearer` scheme, whose name is case-insensitive
+/// (RFC 7235).
+fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 fn content_type(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::CONTENT_TYPE)
@@ -242,7 +305,7 @@ impl Gateway {
         let from_header = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .map(str::to_owned);
         let from_query = uri.query().and_then(|q| {
             url::form_urlencoded::parse(q.as_bytes())
@@ -295,7 +358,8 @@ impl Gateway {
         })
     }
 
-    /// Stores the events and answers 202 with what was stored.
+    /// Checks every event ([`admit::check`]), stores them and answers 202 with what was stored.
+    /// One event that cannot be kept refuses the request: nothing of it is stored.
     async fn accept(
         &self,
         origin: &str,
@@ -321,7 +385,24 @@ impl Gateway {
                 }
             }
         }
-        let stored = ingress::store(&self.bus.js, origin, &events)
+        let limits = admit::Limits {
+            max_event_bytes: self.options.max_bytes,
+            max_payload: self.bus.client.server_info().max_payload,
+        };
+        for (i, event) in events.iter().enumerate() {
+            // Checking a large batch takes a while (building each run request): other requests
+            // get their turn on this thread in between.
+            if i % 64 == 63 {
+                tokio::task::yield_now().await;
+            }
+            admit::check(event, &limits).map_err(|mut refused| {
+                if events.len() > 1 {
+                    refused.message = format!("event {i} of the batch: {}", refused.message);
+                }
+                refused
+            })?;
+        }
+        let stored = ingress::store_sharing(&self.bus.js, origin, &events, &self.slots)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, origin, "cannot store events; the sender will retry");

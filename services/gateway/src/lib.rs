@@ -1,11 +1,13 @@
 //! The gateway: where external events enter Baton.
 //!
 //! - [`http`]: the HTTP server: CloudEvents, GitHub and Alertmanager webhooks, health;
+//! - [`admit`]: the checks an event passes before it is accepted, so that what is accepted is kept;
 //! - [`github`], [`alertmanager`]: the pure mappings of webhook deliveries to CloudEvents;
 //! - [`ingress`]: storing accepted events in `BATON_EVENTS`;
 //! - [`triggers`]: the consumer of `BATON_EVENTS` that starts a run of every workflow whose trigger
 //!   matches an event, with the trigger's flow control ([`flow`]).
 
+pub mod admit;
 pub mod alertmanager;
 pub mod flow;
 pub mod github;
@@ -18,13 +20,6 @@ use std::net::SocketAddr;
 use baton_core::Bus;
 use baton_core::shutdown::CancellationToken;
 
-/// Gateway settings.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The HTTP server; `None` runs only the trigger consumer.
-    pub http: Option<HttpOptions>,
-}
-
 /// HTTP server settings.
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
@@ -33,7 +28,8 @@ pub struct HttpOptions {
     pub token: Option<String>,
     /// The secret GitHub signs deliveries with; `None` disables `/webhooks/github`.
     pub github_secret: Option<String>,
-    /// Largest request body accepted.
+    /// Largest request body accepted, and `BATON_MAX_EVENT_BYTES`: the largest message (an event,
+    /// the run request that embeds it) every Baton decoder accepts ([`admit::Limits`]).
     pub max_bytes: usize,
     /// Origins that pass the webhook handshake; empty: any.
     pub allowed_origins: Vec<String>,
@@ -59,11 +55,12 @@ impl Rejection {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "cannot listen on {addr}: {source}. Is another process using the port? Choose another with --http."
+        "cannot listen on {addr}: {error}. Is another process using the port? Choose another with --http."
     )]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        // Not `source`: the message holds it already, and `{:#}` would print it twice.
+        error: std::io::Error,
     },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
@@ -71,16 +68,30 @@ pub enum Error {
     Triggers(#[from] triggers::Error),
 }
 
-/// Runs the HTTP server and the trigger consumer until `shutdown` is cancelled.
-pub async fn run(bus: Bus, options: Options, shutdown: CancellationToken) -> Result<(), Error> {
+/// Runs the HTTP server (bound beforehand with [`http::Server::bind`], so that a port in use fails
+/// before anything starts) and the trigger consumer until `shutdown` is cancelled. Either failing
+/// stops the other and is returned at once: a gateway that cannot serve must not keep running.
+pub async fn run(
+    bus: Bus,
+    http: Option<http::Server>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let triggers = triggers::Triggers::new(bus.clone()).await?;
+    let stop = shutdown.child_token();
+    let stop_on_error = |result: Result<(), Error>| {
+        if result.is_err() {
+            stop.cancel();
+        }
+        result
+    };
     let server = async {
-        match options.http {
-            Some(http) => http::serve(http.listen, bus.clone(), http, shutdown.clone()).await,
+        match http {
+            Some(server) => stop_on_error(server.serve(bus.clone(), stop.clone()).await),
             None => Ok(()),
         }
     };
-    let (served, triggered) = tokio::join!(server, triggers.run(shutdown.clone()));
+    let triggered = async { stop_on_error(triggers.run(stop.clone()).await.map_err(Error::from)) };
+    let (served, triggered) = tokio::join!(server, triggered);
     served?;
     triggered?;
     Ok(())

@@ -1,7 +1,8 @@
 //! No byte sequence crashes the gateway: arbitrary bytes, and the repository's fixtures with bytes
 //! flipped, cut or inserted, with arbitrary header sets, go through the gateway's four parsers. Each
-//! returns, an error with a message, and an event it accepts survives what the gateway does next:
-//! encoding for JetStream and decoding back (the trigger consumer's side).
+//! returns, an error with a message, and an event it accepts is one the gateway keeps: it passes
+//! the gateway's checks before the answer (`admit::check`), and survives what happens next:
+//! encoding for JetStream and decoding back (the trigger consumer's side) with every attribute.
 //!
 //! The stable-toolchain companion of the cargo-fuzz targets in `fuzz/` (see `fuzz/README.md`).
 
@@ -11,7 +12,7 @@ use std::sync::LazyLock;
 
 use baton_core::binding::{self, Limits};
 use baton_gateway::github::{self, Delivery};
-use baton_gateway::{alertmanager, ingress};
+use baton_gateway::{admit, alertmanager, ingress};
 use cloudevents::Event;
 use hmac::{Hmac, Mac};
 use proptest::prelude::*;
@@ -79,6 +80,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
                 select(vec![
                     "\"", "\\", "\\u", "\\ud800", "{", "}", "[", "]", ",", ":", "null", "-1e999",
                     "%", "%0A", "\n", "\u{0}", "\u{fffd}",
+                    // Control characters a JSON string may hold (escaped, or a raw DEL).
+                    "\\u0001", "\\u007f", "\\n", "\\t", "\u{7f}",
                 ])
                 .prop_map(|s| s.as_bytes().to_vec()),
             ]
@@ -144,7 +147,7 @@ fn headers() -> impl Strategy<Value = Vec<(Vec<u8>, Vec<u8>)>> {
                 "application/cloudevents+xml", "application/json; charset=utf-8", "text/plain",
                 "%0A", "a%0D%0Ab", "%", "%4", "%zz", "%+A", "%C0%A0", "\"quoted \\\"x\\\"\"", "\"\\",
                 "release", "push", "ping", "membership", "deployment_status", "marketplace_purchase",
-                "commit_comment", "sha256=", "sha1=abc",
+                "commit_comment", "sha256=", "sha1=abc", "72d3162e\tcc78",
                 "sha256=0000000000000000000000000000000000000000000000000000000000000000",
             ]
         )
@@ -191,11 +194,21 @@ fn attributes(event: &Event) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// What the gateway does with an accepted event: encodes it for JetStream; the trigger consumer
-/// decodes it back, with every attribute.
+/// What the gateway does with an accepted event: checks it, encodes it for JetStream; the trigger
+/// consumer decodes it back, with every attribute. Fixtures are far below these limits, so an event
+/// a parser yields is one the gateway accepts.
 fn store(event: &Event) -> Result<(), TestCaseError> {
-    ingress::message_id(event);
-    let (headers, body) = binding::encode(event);
+    let limits = admit::Limits {
+        max_event_bytes: 1 << 20,
+        max_payload: 1 << 20,
+    };
+    if let Err(refused) = admit::check(event, &limits) {
+        return Err(TestCaseError::fail(format!(
+            "a parsed event is refused when it is stored: {}",
+            refused.message
+        )));
+    }
+    let (headers, body) = ingress::message(event);
     let unlimited = Limits {
         max_bytes: usize::MAX,
     };

@@ -71,11 +71,18 @@ fn attributes(event: &Event) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// What the gateway does with an accepted event: encodes it for JetStream (`ingress::store`), and
-/// the trigger consumer decodes it back. Both must work, and keep every attribute.
+/// What the gateway does with an accepted event: checks it (`admit::check`: an event a parser
+/// yields must pass, far below the limits), encodes it for JetStream (`ingress::store`), and the
+/// trigger consumer decodes it back. All must work, and keep every attribute.
 pub fn store(event: &Event) {
-    let _ = baton_gateway::ingress::message_id(event);
-    let (headers, body) = binding::encode(event);
+    let limits = baton_gateway::admit::Limits {
+        max_event_bytes: 1 << 20,
+        max_payload: 1 << 20,
+    };
+    if let Err(refused) = baton_gateway::admit::check(event, &limits) {
+        panic!("a parsed event is refused when it is stored: {}", refused.message);
+    }
+    let (headers, body) = baton_gateway::ingress::message(event);
     let unlimited = Limits {
         max_bytes: usize::MAX,
     };
