@@ -1,5 +1,6 @@
 //! End-to-end tests against real nats-server and `baton` processes.
 
+mod auth;
 mod binding;
 mod catalogue;
 mod cli;

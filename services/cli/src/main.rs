@@ -57,6 +57,40 @@ pub(crate) struct Nats {
     /// Stream replicas when Baton creates its streams: 1 on a single server, 3 on a cluster.
     #[arg(long, global = true, env = "BATON_REPLICAS", default_value_t = 1)]
     replicas: usize,
+    /// A NATS credentials file (user JWT and nkey seed).
+    #[arg(long = "nats-creds", global = true, env = "NATS_CREDS")]
+    creds: Option<PathBuf>,
+    /// A file holding the user's nkey seed.
+    #[arg(long = "nats-nkey", global = true, env = "NATS_NKEY")]
+    nkey: Option<PathBuf>,
+    /// NATS user (with `--nats-password`).
+    #[arg(long = "nats-user", global = true, env = "NATS_USER")]
+    user: Option<String>,
+    /// NATS password.
+    #[arg(
+        long = "nats-password",
+        global = true,
+        env = "NATS_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+    /// NATS token.
+    #[arg(
+        long = "nats-token",
+        global = true,
+        env = "NATS_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// PEM file of the CA that signed the server's certificate (turns TLS on).
+    #[arg(long = "nats-ca", global = true, env = "NATS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients.
+    #[arg(long = "nats-cert", global = true, env = "NATS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Client key (PEM) of `--nats-cert`.
+    #[arg(long = "nats-key", global = true, env = "NATS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 impl Nats {
@@ -67,9 +101,23 @@ impl Nats {
         }
     }
 
+    fn auth(&self) -> baton_core::Auth {
+        baton_core::Auth {
+            creds: self.creds.clone(),
+            nkey: self.nkey.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            token: self.token.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
+
     /// For one-shot commands: fails at once, naming the server, when it cannot be reached.
     async fn connect(&self, name: &str) -> anyhow::Result<baton_core::Bus> {
-        Ok(baton_core::connect(&self.nats_url, name, &self.topology()).await?)
+        let auth = self.auth();
+        Ok(baton_core::connect_as(&self.nats_url, name, &self.topology(), &auth).await?)
     }
 
     /// For services: waits for the server until it is up or `shutdown` (`None`).
@@ -78,7 +126,8 @@ impl Nats {
         name: &str,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<baton_core::Bus>> {
-        Ok(baton_core::connect_waiting(&self.nats_url, name, &self.topology(), shutdown).await?)
+        let (topology, auth) = (self.topology(), self.auth());
+        Ok(baton_core::connect_waiting(&self.nats_url, name, &topology, &auth, shutdown).await?)
     }
 }
 

@@ -29,5 +29,5 @@ pub mod trace;
 pub mod workflows;
 
 pub use cloudevents::Event;
-pub use connect::{Bus, connect, connect_waiting};
+pub use connect::{Auth, Bus, connect, connect_as, connect_waiting};
 pub use error::{Error, Kind};

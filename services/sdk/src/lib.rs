@@ -454,7 +454,14 @@ impl Service {
         let shutdown = baton_core::shutdown::on_signal();
         let name = format!("baton-service-{}", self.kind);
         // Started before NATS (or with it, in a compose file): wait for it like Baton's services.
-        let Some(bus) = baton_core::connect_waiting(&url, &name, &topology, &shutdown).await?
+        let Some(bus) = baton_core::connect_waiting(
+            &url,
+            &name,
+            &topology,
+            &baton_core::Auth::from_env(),
+            &shutdown,
+        )
+        .await?
         else {
             return Ok(());
         };
