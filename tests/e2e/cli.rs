@@ -324,6 +324,7 @@ async fn output_into_a_closed_pipe_ends_the_command_quietly() {
                 attempt: 1,
                 input: json!({"blob": "x".repeat(64 * 1024)}),
                 idempotency_key: format!("{run_id}/s{i}"),
+                secrets: Vec::new(),
                 timeout_ms: None,
             })
         })

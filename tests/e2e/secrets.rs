@@ -3,17 +3,20 @@
 //! neither value is anywhere in the journal, the event and dead-letter streams, the outputs or the
 //! logs of any process. An `emit` step never carries a secret into `BATON_EVENTS`: a workflow whose
 //! `emit` reads `.secrets` is refused by `baton apply`, and a reference that reaches an `emit`
-//! as data fails the step instead of being resolved.
+//! as data is sent on as text. A reference sent as data (an event's, a run's inputs), however it
+//! reaches a step (a body, a URL, an expression that joins or decodes it), is never resolved.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::Query;
 use axum::http::HeaderMap;
 use axum::routing::get;
 use baton_core::event::{Ending, RunEvent};
 use baton_core::streams;
 use baton_tests::{BatonProcess, NatsServer, baton_binary};
+use cloudevents::{EventBuilder, EventBuilderV10};
 use serde_json::json;
 
 use crate::saga::{apply, ending, start_run};
@@ -139,7 +142,7 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
     let mut runner_env = otel.to_vec();
     runner_env.push(("BATON_SECRET_DEPLOY_KEY", KEY));
     let runner = BatonProcess::start_with_env(&["runner", "--nats-url", &url], &runner_env);
-    // Whoever sends the input (or an event) can write a reference; an `emit` does not resolve it.
+    // Whoever sends the input (or an event) can write a reference; it stays text, in an `emit` too.
     let note = format!("token: {}", baton_core::secrets::reference("api_token"));
     let run = start_run(
         &bus,
@@ -178,11 +181,11 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
         missing.message.contains("secret not_set is not set"),
         "{missing:?}"
     );
-    let relay = outcome("relay").unwrap().unwrap_err();
-    assert_eq!(relay.code.as_deref(), Some("bad-input"), "{relay:?}");
+    outcome("relay").unwrap().unwrap();
+    let events = stream_bytes(&bus, streams::EVENTS).await;
     assert!(
-        relay.message.contains("cannot carry secrets") && relay.message.contains("api_token"),
-        "{relay:?}"
+        contains(&events, &note),
+        "the emitted note is not in BATON_EVENTS"
     );
     // The request in the journal names the secret, not its value.
     let requested = journal
@@ -243,4 +246,152 @@ async fn secret_values_reach_the_step_and_nowhere_else() {
         ok && listed.trim() == "api_token" && !listed.contains(TOKEN),
         "{listed}"
     );
+}
+
+const FORWARDER: &str = r#"
+name: forwarder
+on: [com.example.note]
+steps:
+  - id: forward
+    uses: http
+    with:
+      method: POST
+      url: ${{ .event.data.hook }}
+      headers: { Authorization: "Bearer ${{ .secrets.api_token }}" }
+      body: ${{ .event.data }}
+  - id: show
+    uses: echo
+    with:
+      note: ${{ .event.data.note }}
+      joined: ${{ .event.data.head + .event.data.tail }}
+"#;
+
+/// Anyone who can send an event writes `<<secret:NAME>>` into its data, naming a secret the runner
+/// holds but the workflow never reads, or joined from two fields. The workflow forwards the data in
+/// a body and a URL and echoes it: each step gets the text, the peer gets the workflow's own token
+/// where the workflow put it and nothing else, and neither value is anywhere.
+#[tokio::test]
+async fn a_reference_sent_as_data_is_never_resolved() {
+    const DB_PASSWORD: &str = "db-7c1e55aa-NEVER-SENT";
+    let server = NatsServer::start();
+    let url = server.url();
+    let bus = bus(&url).await;
+
+    // The peer records each request's Authorization, query and body.
+    type Seen = (String, Option<String>, serde_json::Value);
+    let seen = Arc::new(Mutex::new(Vec::<Seen>::new()));
+    let app = Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let seen = seen.clone();
+            move |headers: HeaderMap,
+                  Query(query): Query<std::collections::HashMap<String, String>>,
+                  axum::Json(body): axum::Json<serde_json::Value>| async move {
+                let auth = headers["authorization"].to_str().unwrap().to_owned();
+                seen.lock()
+                    .unwrap()
+                    .push((auth, query.get("k").cloned(), body));
+                axum::Json(json!({"ok": true}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    apply(&bus, "forwarder", FORWARDER).await;
+    let coordinator = BatonProcess::start(&["coordinator", "--nats-url", &url]);
+    // The gateway takes events in from NATS and starts the runs they trigger.
+    let gateway = BatonProcess::start(&["gateway", "--nats-url", &url, "--http", "127.0.0.1:0"]);
+    // The runner holds both secrets; the workflow reads only `api_token`.
+    let runner = BatonProcess::start_with_env(
+        &["runner", "--nats-url", &url],
+        &[
+            ("BATON_SECRET_API_TOKEN", TOKEN),
+            ("BATON_SECRET_DB_PASSWORD", DB_PASSWORD),
+        ],
+    );
+
+    let forged = baton_core::secrets::reference("db_password");
+    let data = json!({
+        "hook": format!("{peer}?k={forged}"),
+        "note": forged,
+        "head": "<<secret:api_",
+        "tail": "token>>",
+    });
+    let event = EventBuilderV10::new()
+        .id("note-1")
+        .source("/anyone")
+        .ty("com.example.note")
+        .data("application/json", data.clone())
+        .build()
+        .unwrap();
+    let (headers, body) = baton_core::binding::encode(&event);
+    bus.js
+        .publish_with_headers(baton_core::subjects::ingress("nats"), headers, body)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let run = baton_core::event::triggered_run_id("forwarder", "/anyone", "note-1");
+    let log = || {
+        format!(
+            "coordinator:\n{}\nrunner:\n{}\ngateway:\n{}",
+            coordinator.log(),
+            runner.log(),
+            gateway.log()
+        )
+    };
+    let journal = wait_for_end(&bus, &run, Duration::from_secs(30), log).await;
+    assert_eq!(ending(&journal), Some(Ending::Succeeded), "{journal:#?}");
+
+    // The peer got the token where the workflow put it, and the data as it was sent.
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(
+            format!("Bearer {TOKEN}"),
+            Some(forged.clone()),
+            data.clone()
+        )]
+    );
+    // The echo step saw the text, not a value (a value would come back as `***`).
+    let show = journal
+        .iter()
+        .find_map(|j| match &j.event {
+            RunEvent::StepCompleted(c) if c.step == "show" => Some(c.output.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        show,
+        json!({"note": forged, "joined": baton_core::secrets::reference("api_token")})
+    );
+    // The requests list only the reference the workflow placed.
+    for j in &journal {
+        if let RunEvent::StepRequested(r) = &j.event {
+            let names: Vec<&str> = r.secrets.iter().map(|p| p.name.as_str()).collect();
+            let expected: &[&str] = if r.step == "forward" {
+                &["api_token"]
+            } else {
+                &[]
+            };
+            assert_eq!(names, expected, "{r:?}");
+        }
+    }
+    for stream in [streams::RUNS, streams::EVENTS, streams::DLQ] {
+        let bytes = stream_bytes(&bus, stream).await;
+        for secret in [TOKEN, DB_PASSWORD] {
+            assert!(!contains(&bytes, secret), "{secret} is in {stream}");
+        }
+    }
+    let logs = [
+        ("coordinator", coordinator.log()),
+        ("runner", runner.log()),
+        ("gateway", gateway.log()),
+    ];
+    for (name, text) in logs {
+        for secret in [TOKEN, DB_PASSWORD] {
+            assert!(!text.contains(secret), "{secret} is in the {name} log");
+        }
+    }
 }

@@ -766,12 +766,18 @@ impl Run {
                 }
                 _ => continue,
             };
-            let context = to_val(&self.item_context(spec, item)?);
+            let plain = self.item_context(spec, item)?;
+            let context = to_val(&plain);
+            // Only a runner's `with` reads `.secrets`: the references it places are listed.
+            let mut placed = Vec::new();
             let input = match &spec.action {
-                Action::Run => spec
-                    .with
-                    .eval(&context)
-                    .map_err(|e| fail(format!("step {}: `with` {e}", spec.id)))?,
+                Action::Run => {
+                    let (input, refs) = self
+                        .eval_with(&spec.with, plain)
+                        .map_err(|e| fail(format!("step {}: `with` {e}", spec.id)))?;
+                    placed = refs;
+                    input
+                }
                 Action::Sleep(d) => json!({"seconds": d.as_secs_f64()}),
                 Action::Workflow(call) => {
                     let inputs = call
@@ -828,6 +834,7 @@ impl Run {
                 attempt,
                 input,
                 idempotency_key: key,
+                secrets: placed,
                 timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
             };
             self.issue(out, RunEvent::StepRequested(request));
@@ -836,6 +843,20 @@ impl Run {
             }
         }
         Ok(())
+    }
+
+    /// Evaluates the `with` of a step or compensation that a runner executes, over `context`, with
+    /// `.secrets` bound so that the references it places can be told from look-alikes in data:
+    /// the input with plain references, and where they are (see [`baton_core::secrets::Binding`]).
+    fn eval_with(
+        &self,
+        with: &baton_workflow::expr::Template,
+        mut context: Value,
+    ) -> Result<(Value, Vec<baton_core::secrets::Placed>), baton_workflow::expr::EvalError> {
+        let binding = baton_core::secrets::Binding::new(self.secrets.keys(), &context);
+        context["secrets"] = binding.secrets();
+        let input = with.eval(&to_val(&context))?;
+        Ok(binding.seal(input))
     }
 
     /// The context of a step's expressions: for an item of a for-each step, with `.item` and `.index`.
@@ -1021,20 +1042,18 @@ impl Run {
             match exec.state {
                 ExecState::Completed => continue,
                 ExecState::Pending | ExecState::RetryDue => {
-                    let context = to_val(&self.context());
                     let limit = baton_core::event::MAX_INPUT_BYTES;
-                    let input = comp
-                        .with
-                        .eval(&context)
+                    let input = self
+                        .eval_with(&comp.with, self.context())
                         .map_err(|e| e.to_string())
-                        .and_then(|v| match baton_core::event::json_size(&v) {
+                        .and_then(|(v, placed)| match baton_core::event::json_size(&v) {
                             size if size > limit => Err(format!(
                                 "is {size} bytes, more than the {limit} a request may carry; \
                                  pass a reference to large data, not the data"
                             )),
-                            _ => Ok(v),
+                            _ => Ok((v, placed)),
                         });
-                    let input = match input {
+                    let (input, placed) = match input {
                         Ok(v) => v,
                         Err(e) => {
                             let failed = StepError {
@@ -1059,6 +1078,7 @@ impl Run {
                             attempt,
                             input,
                             idempotency_key: format!("{}/{}/compensate", self.id, spec.id),
+                            secrets: placed,
                             timeout_ms: comp.timeout.map(|t| t.as_millis() as u64),
                         }),
                     );

@@ -140,6 +140,11 @@ pub struct StepRequested {
     /// The step's `with`, every expression evaluated.
     #[serde(default)]
     pub input: Value,
+    /// The references to secrets the coordinator placed in `input`: the only ones a runner
+    /// resolves. A reference that arrived as data (an event's, an input's, a step's outputs) is
+    /// not listed, and stays text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secrets::Placed>,
     /// The same for every attempt of a step (and item): handlers use it to avoid repeating a side
     /// effect. A compensation has its own, ending in `/compensate`.
     pub idempotency_key: String,

@@ -554,6 +554,7 @@ mod tests {
             attempt: 2,
             input: serde_json::Value::Null,
             idempotency_key: "r1/build".into(),
+            secrets: Vec::new(),
             timeout_ms: None,
         };
         let context = spans::run_context(&trace, "r1");

@@ -408,11 +408,14 @@ impl Worker {
     ) -> Result<Value, StepError> {
         let mut input = attempt.request.input.clone();
         let mut resolved = std::collections::BTreeMap::new();
-        let names = secrets::referenced(&input);
+        // Only the references the coordinator placed, never text that looks like one: that can
+        // come from anyone who sends an event or starts a run.
+        let placed = &attempt.request.secrets;
+        let names = secrets::names(placed);
         if !names.is_empty() && attempt.request.kind == kinds::EMIT {
             // An event is stored in clear in BATON_EVENTS and read by every workflow it starts, so
-            // a secret is never resolved into one. Workflows that read `.secrets` in an `emit` are
-            // refused when applied; this catches references that arrive as data (an event's).
+            // a secret is never resolved into one. `baton apply` refuses an `emit` that reads
+            // `.secrets`; this holds for requests written otherwise.
             return Err(emit_with_secrets(&names));
         }
         if !names.is_empty() {
@@ -425,7 +428,11 @@ impl Worker {
                 })?;
                 resolved.insert(name, value);
             }
-            secrets::resolve(&mut input, &resolved);
+            secrets::resolve(&mut input, placed, &resolved).map_err(|e| StepError {
+                message: e.to_string(),
+                retryable: false,
+                code: Some("bad-input".into()),
+            })?;
         }
         match self.invoke(attempt, input, cancel, message, started).await {
             Ok(mut output) => {

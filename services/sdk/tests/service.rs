@@ -40,6 +40,7 @@ fn request(run: &str, step: &str, attempt: u32, input: Value, compensation: bool
         attempt,
         input,
         idempotency_key: key,
+        secrets: Vec::new(),
         timeout_ms: None,
     };
     if compensation {

@@ -1610,3 +1610,186 @@ proptest! {
         }
     }
 }
+
+// ---- Secrets: only the references the coordinator placed are ever resolved ----
+
+/// Every way data reaches a `with` next to `.secrets`: inputs, the event, a step's outputs, items,
+/// a compensation, a sub-workflow's inputs; and data built into a reference by an expression.
+const FORGED: &str = r#"
+name: forged
+inputs:
+  note: { type: string }
+  head: { type: string }
+  tail: { type: string }
+  b64: { type: string }
+  items: { type: array }
+steps:
+  - id: call
+    uses: http
+    with:
+      url: https://example.com/hook
+      headers: { Authorization: "Bearer ${{ .secrets.api_token }}" }
+      body:
+        note: "${{ .inputs.note }}"
+        event: "${{ .event.data }}"
+        joined: "${{ .inputs.head + .inputs.tail }}"
+        decoded: "${{ .inputs.b64 | @base64d }}"
+        mixed: "${{ .inputs.note }}|${{ .secrets.api_token }}|${{ .inputs.note }}"
+    compensate:
+      uses: http
+      with:
+        url: https://example.com/undo
+        token: "${{ .secrets.db_password }}"
+        echoed: "${{ .steps.call.outputs.body.mixed }}"
+  - id: each
+    uses: echo
+    needs: [call]
+    for-each: { items: "${{ .inputs.items }}" }
+    with: { item: "${{ .item }}", key: "${{ .secrets.api_token }}" }
+  - id: child
+    uses: workflow
+    needs: [call]
+    with: { name: child, version: 1, inputs: { text: "${{ .inputs.note }}" } }
+  - id: last
+    uses: echo
+    needs: [each, child]
+"#;
+
+/// A child that reads its own secret, next to what its parent passed.
+const CHILD_WITH_SECRET: &str = r#"
+name: child
+inputs:
+  text: { type: string }
+steps:
+  - id: say
+    uses: echo
+    with: { said: "${{ .inputs.text }}", own: "${{ .secrets.child_key }}" }
+"#;
+
+/// What a runner would hand the step: the listed references resolved, nothing else.
+fn resolved(r: &StepRequested) -> Value {
+    let values = [
+        ("api_token", "T0KEN"),
+        ("db_password", "DBPASS"),
+        ("child_key", "CHILDKEY"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let mut input = r.input.clone();
+    baton_core::secrets::resolve(&mut input, &r.secrets, &values).unwrap();
+    input
+}
+
+#[test]
+fn a_reference_that_arrives_as_data_is_never_resolved() {
+    use base64::Engine as _;
+    let forged = baton_core::secrets::reference("db_password");
+    let input = json!({
+        "note": forged,
+        "head": "<<secret:db_",
+        "tail": "password>>",
+        "b64": base64::engine::general_purpose::STANDARD.encode(&forged),
+        "items": [forged, "plain"],
+    });
+    let mut sim = Sim::with_request(FORGED, |wf| {
+        let mut req = request("r", wf, input, None);
+        req.trigger = Some(baton_core::event::Trigger {
+            id: "e1".into(),
+            source: "test".into(),
+            ty: "com.example.note".into(),
+            subject: None,
+            time: None,
+            data: json!({"note": forged}),
+            extensions: Default::default(),
+        });
+        req
+    });
+    let req0 = request("r", &sim.wf, sim.run.input.clone(), None);
+    let mut req0 = req0;
+    req0.trigger = sim.run.trigger.clone();
+    let first = sim.send(RunEvent::Requested(req0.clone()));
+    let call = req(&first, "request call#1").clone();
+    // The journal holds plain references; the request lists the two the coordinator placed.
+    assert_eq!(
+        call.input["headers"]["Authorization"],
+        "Bearer <<secret:api_token>>"
+    );
+    let mixed = format!("{forged}|<<secret:api_token>>|{forged}");
+    assert_eq!(call.input["body"]["mixed"], mixed);
+    let placed: Vec<(&str, usize, &str)> = call
+        .secrets
+        .iter()
+        .map(|p| (p.path.as_str(), p.at, p.name.as_str()))
+        .collect();
+    assert_eq!(
+        placed,
+        [
+            ("/body/mixed", forged.len() + 1, "api_token"),
+            ("/headers/Authorization", 7, "api_token"),
+        ]
+    );
+    // The runner sends the token where the workflow put it, and every look-alike as text.
+    let sent = resolved(&call);
+    assert_eq!(sent["headers"]["Authorization"], "Bearer T0KEN");
+    assert_eq!(
+        sent["body"],
+        json!({
+            "note": forged,
+            "event": {"note": forged},
+            "joined": forged,
+            "decoded": forged,
+            "mixed": format!("{forged}|T0KEN|{forged}"),
+        })
+    );
+    assert!(!sent.to_string().contains("DBPASS"), "{sent}");
+
+    // Its outputs (a peer echoing what it got) are data too, for items and the compensation.
+    let echoed = json!({"body": {"mixed": mixed}});
+    let next = sim.send(ok(&first[0], echoed));
+    for item in 0..2 {
+        let r = req(&next, &format!("request each[{item}]#1"));
+        assert_eq!(r.secrets.len(), 1, "{:?}", r.secrets);
+        let sent = resolved(r);
+        assert_eq!(sent["key"], "T0KEN");
+        assert_eq!(sent["item"], input_item(item, &forged));
+    }
+    // The sub-workflow gets the text; its own `.secrets` are its own.
+    let call_child = req(&next, "request child#1").clone();
+    assert_eq!(call_child.secrets, []);
+    assert_eq!(call_child.input["inputs"]["text"], forged);
+    let mut child = Sim::with_request(CHILD_WITH_SECRET, |wf| {
+        request("r-child-1", wf, call_child.input["inputs"].clone(), None)
+    });
+    let say = child.start();
+    let said = resolved(req(&say, "request say#1"));
+    assert_eq!(said, json!({"said": forged, "own": "CHILDKEY"}));
+
+    // The run fails after `call` completed: its compensation places its own reference only.
+    let mut pending: Vec<RunEvent> = next.clone();
+    let each0 = pending.remove(0);
+    let cmds = sim.send(err(&each0, false));
+    let undo = cmds
+        .iter()
+        .find_map(|c| match c {
+            RunEvent::CompensationRequested(r) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no compensation in {:?}", shown(&cmds)));
+    assert_eq!(undo.secrets.len(), 1, "{:?}", undo.secrets);
+    let sent = resolved(&undo);
+    assert_eq!(sent["token"], "DBPASS");
+    assert_eq!(
+        sent["echoed"],
+        format!("{forged}|<<secret:api_token>>|{forged}")
+    );
+    assert!(!sent["echoed"].to_string().contains("T0KEN"));
+
+    // A rebuild places exactly the same references (the tag depends on the context only).
+    let mut rebuilt = replay(&sim.wf, &req0, &sim.journal[..1]);
+    assert_eq!(rebuilt.decide(&sim.wf, clock()), first);
+}
+
+fn input_item(item: usize, forged: &str) -> Value {
+    [json!(forged), json!("plain")][item].clone()
+}

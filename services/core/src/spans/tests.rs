@@ -39,6 +39,7 @@ fn request(step: &str, kind: &str, attempt: u32) -> StepRequested {
         attempt,
         input: json!({}),
         idempotency_key: format!("r1/{step}"),
+        secrets: Vec::new(),
         timeout_ms: None,
     }
 }
