@@ -185,6 +185,31 @@ async fn a_request_or_event_re_sent_after_the_duplicate_windows_starts_nothing()
         "{events:#?}"
     );
     assert_eq!(effects.calls().len(), 4, "{:?}", effects.calls());
+
+    // The original requests delivered again long after their runs ended (an ack lost while a
+    // node stalled): the coordinators' consumers are recreated, so every message of the journal
+    // comes again with its own sequence.
+    let mut baton = baton;
+    baton.kill();
+    let stream = bus.js.get_stream(streams::RUNS).await.unwrap();
+    let coordinators: Vec<String> = (0..bus.partitions)
+        .map(|p| format!("coordinator-{p}"))
+        .collect();
+    for name in &coordinators {
+        stream.delete_consumer(name).await.unwrap();
+    }
+    baton.restart();
+    wait_idle(&bus, streams::RUNS, &coordinators).await;
+    for id in [&run, &triggered] {
+        let events = journal(&bus, id).await;
+        assert_eq!(
+            count(&events, |e| matches!(e, RunEvent::Ended(..))),
+            1,
+            "{events:#?}\n{}",
+            baton.log()
+        );
+    }
+    assert_eq!(effects.calls().len(), 4, "{:?}", effects.calls());
     assert_eq!(dead_letters(&bus).await, 0);
 }
 

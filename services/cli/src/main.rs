@@ -59,13 +59,13 @@ pub(crate) struct Nats {
     replicas: usize,
     /// A NATS credentials file (user JWT and nkey seed).
     #[arg(long = "nats-creds", global = true, env = "NATS_CREDS")]
-    creds: Option<PathBuf>,
+    nats_creds: Option<PathBuf>,
     /// A file holding the user's nkey seed.
     #[arg(long = "nats-nkey", global = true, env = "NATS_NKEY")]
-    nkey: Option<PathBuf>,
+    nats_nkey: Option<PathBuf>,
     /// NATS user (with `--nats-password`).
     #[arg(long = "nats-user", global = true, env = "NATS_USER")]
-    user: Option<String>,
+    nats_user: Option<String>,
     /// NATS password.
     #[arg(
         long = "nats-password",
@@ -73,7 +73,7 @@ pub(crate) struct Nats {
         env = "NATS_PASSWORD",
         hide_env_values = true
     )]
-    password: Option<String>,
+    nats_password: Option<String>,
     /// NATS token.
     #[arg(
         long = "nats-token",
@@ -81,16 +81,16 @@ pub(crate) struct Nats {
         env = "NATS_TOKEN",
         hide_env_values = true
     )]
-    token: Option<String>,
+    nats_token: Option<String>,
     /// PEM file of the CA that signed the server's certificate (turns TLS on).
     #[arg(long = "nats-ca", global = true, env = "NATS_CA")]
-    tls_ca: Option<PathBuf>,
+    nats_tls_ca: Option<PathBuf>,
     /// Client certificate (PEM), for servers that verify clients.
     #[arg(long = "nats-cert", global = true, env = "NATS_CERT")]
-    tls_cert: Option<PathBuf>,
+    nats_tls_cert: Option<PathBuf>,
     /// Client key (PEM) of `--nats-cert`.
     #[arg(long = "nats-key", global = true, env = "NATS_KEY")]
-    tls_key: Option<PathBuf>,
+    nats_tls_key: Option<PathBuf>,
 }
 
 impl Nats {
@@ -103,14 +103,14 @@ impl Nats {
 
     fn auth(&self) -> baton_core::Auth {
         baton_core::Auth {
-            creds: self.creds.clone(),
-            nkey: self.nkey.clone(),
-            user: self.user.clone(),
-            password: self.password.clone(),
-            token: self.token.clone(),
-            tls_ca: self.tls_ca.clone(),
-            tls_cert: self.tls_cert.clone(),
-            tls_key: self.tls_key.clone(),
+            creds: self.nats_creds.clone(),
+            nkey: self.nats_nkey.clone(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
         }
     }
 
@@ -764,4 +764,15 @@ pub(crate) async fn run_services(
         },
     );
     c.and(r).and(g).map_err(anyhow::Error::msg)
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap checks the whole command tree (unique argument names across flattened groups and
+    /// global flags) only in debug builds, when a command is parsed: check every one here.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

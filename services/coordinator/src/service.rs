@@ -389,7 +389,7 @@ impl Partition {
         // A request for a run this owner holds: its own request delivered again, or a duplicate.
         if let RunEvent::Requested(r) = &event
             && self.runs.contains_key(&run_id)
-            && !self.claim(&message, r).await
+            && self.claim(&message, r).await.is_none()
         {
             return;
         }
@@ -403,33 +403,47 @@ impl Partition {
                     .await
                 {
                     Ok(wf) => {
-                        if !self.claim(&message, r).await {
+                        let Some(claim) = self.claim(&message, r).await else {
                             return;
+                        };
+                        // This request claimed the run before (its ack was lost, or a crash came
+                        // between): what the run did since is in the journal, however long ago.
+                        let started = match claim {
+                            Claim::Again => match self.load_started(&run_id).await {
+                                Ok(started) => started,
+                                Err(error) => {
+                                    let error = baton_core::Error::transient(error.to_string());
+                                    return retry_later(message, &run_id, &error).await;
+                                }
+                            },
+                            _ => false,
+                        };
+                        if !started {
+                            // The run continues the trace of its request; an invalid one starts a new trace.
+                            let trace = trace.unwrap_or_else(|| spans::fallback_trace(&run_id));
+                            let mut run = Run::new(r, &wf, trace);
+                            match self.admit(&run, &wf).await {
+                                Ok(Admit::Go) => {}
+                                Ok(Admit::Later) => {
+                                    // Queued: the request comes back until a slot is free.
+                                    let _ = message.ack_with(AckKind::Nak(Some(QUEUE_POLL))).await;
+                                    return;
+                                }
+                                Ok(Admit::Skip(cancel)) => {
+                                    run.apply(&cancel);
+                                    before.push(*cancel);
+                                }
+                                Ok(Admit::Preempt(cancels)) => before.extend(cancels),
+                                Err(error) => {
+                                    tracing::warn!(run = %run_id, %error, "cannot check the concurrency key; retrying");
+                                    let _ = message
+                                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                                        .await;
+                                    return;
+                                }
+                            }
+                            self.runs.insert(run_id.clone(), (run, wf));
                         }
-                        // The run continues the trace of its request; an invalid one starts a new trace.
-                        let trace = trace.unwrap_or_else(|| spans::fallback_trace(&run_id));
-                        let mut run = Run::new(r, &wf, trace);
-                        match self.admit(&run, &wf).await {
-                            Ok(Admit::Go) => {}
-                            Ok(Admit::Later) => {
-                                // Queued: the request comes back until a slot is free.
-                                let _ = message.ack_with(AckKind::Nak(Some(QUEUE_POLL))).await;
-                                return;
-                            }
-                            Ok(Admit::Skip(cancel)) => {
-                                run.apply(&cancel);
-                                before.push(*cancel);
-                            }
-                            Ok(Admit::Preempt(cancels)) => before.extend(cancels),
-                            Err(error) => {
-                                tracing::warn!(run = %run_id, %error, "cannot check the concurrency key; retrying");
-                                let _ = message
-                                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                                    .await;
-                                return;
-                            }
-                        }
-                        self.runs.insert(run_id.clone(), (run, wf));
                     }
                     Err(error) if error.is_transient() => {
                         return retry_later(message, &run_id, &error).await;
@@ -519,9 +533,9 @@ impl Partition {
     /// Claims the run id of a new run's request in the run index. False when the message has been
     /// answered: a duplicate of a request that already started the run (acked, changing nothing),
     /// or an index that cannot be written now (retried later).
-    async fn claim(&self, message: &jetstream::Message, r: &RunRequested) -> bool {
+    async fn claim(&self, message: &jetstream::Message, r: &RunRequested) -> Option<Claim> {
         let Ok(info) = message.info() else {
-            return true;
+            return Some(Claim::New);
         };
         let claim = self
             .index
@@ -531,7 +545,6 @@ impl Partition {
             )
             .await;
         match claim {
-            Ok(Claim::New | Claim::Again) => true,
             Ok(Claim::Taken(first)) => {
                 tracing::info!(
                     run = %r.run_id,
@@ -541,13 +554,29 @@ impl Partition {
                 );
                 metrics::counter!(baton_core::metrics::DUPLICATE_REQUESTS).increment(1);
                 let _ = message.ack().await;
-                false
+                None
             }
+            Ok(claim) => Some(claim),
             Err(error) => {
                 retry_later(message.clone(), &r.run_id, &error).await;
-                false
+                None
             }
         }
+    }
+
+    /// Loads a run from the journal and says whether it has started (or ended). One that has not
+    /// (queued behind its concurrency key, or its owner died before its first command) is left
+    /// out, to be admitted as new.
+    async fn load_started(&mut self, run_id: &str) -> Result<bool, Error> {
+        self.load_run(run_id).await?;
+        let started = self.runs.get(run_id).is_some_and(|(run, _)| {
+            run.status != Status::Running
+                || run.steps.iter().any(|s| s.status != StepStatus::Pending)
+        });
+        if !started {
+            self.runs.remove(run_id);
+        }
+        Ok(started)
     }
 
     /// Whether a run may go on after a rebuild: it has no concurrency key, has started, or holds its
